@@ -1,0 +1,220 @@
+"""Read and write the OpenS2S Hugging Face folder, exactly as the released checkpoint lays it out.
+
+```
+config.json  generation_config.json  model.safetensors | model-0000i-of-0000n.safetensors + index
+tokenizer.json  tokenizer_config.json  special_tokens_map.json
+tts/   tokenizer files + generation_config.json (speech EOS, speech budget)
+audio/ preprocessor_config.json (Whisper feature extractor)
+```
+Loading is strict: an error names every missing, unexpected and mis-shaped key. Writing goes to a
+temporary folder that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .opens2s import OpenS2S, OpenS2SConfig
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+ASSET_FILES = (
+    *TOKENIZER_FILES,
+    "generation_config.json",
+    *(f"tts/{name}" for name in (*TOKENIZER_FILES, "generation_config.json")),
+    "audio/preprocessor_config.json",
+)
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is incomplete or does not match the model it describes."""
+
+
+@dataclass
+class GenerationDefaults:
+    text_eos_ids: tuple[int, ...]
+    max_text_tokens: int
+    speech_eos_id: int
+    max_speech_tokens: int
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"missing checkpoint file {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def read_config(folder: Path) -> OpenS2SConfig:
+    path = folder / "config.json"
+    try:
+        return OpenS2SConfig.from_dict(_read_json(path))
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: {exc}") from exc
+
+
+def read_generation_defaults(folder: Path) -> GenerationDefaults:
+    llm = _read_json(folder / "generation_config.json")
+    tts = _read_json(folder / "tts" / "generation_config.json")
+    eos = llm.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
+    tts_eos = tts.get("eos_token_id")
+    tts_eos = tts_eos[0] if isinstance(tts_eos, list) else tts_eos
+    if None in eos_ids or tts_eos is None:
+        raise CheckpointError(f"generation_config.json files in {folder} must set eos_token_id")
+    return GenerationDefaults(eos_ids, int(llm.get("max_new_tokens") or 512), int(tts_eos),
+                              int(tts.get("max_new_tokens") or 512))
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no weight_map")
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists shards that are missing: {', '.join(missing)}")
+        return [folder / f for f in files]
+    single = folder / SINGLE_FILE
+    if not single.is_file():
+        raise CheckpointError(f"no weights in {folder}: expected {SINGLE_FILE} or {INDEX_FILE}")
+    return [single]
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    state[key] = f.get_tensor(key)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+    return state
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Raise CheckpointError naming every missing, unexpected and mis-shaped key."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = _tied_keys(model)
+    missing = sorted(k for k in expected if k not in state and k not in tied)
+    unexpected = sorted(k for k in state if k not in expected)
+    misshaped = sorted(f"{k}: file {tuple(state[k].shape)}, model {expected[k]}"
+                       for k in state if k in expected and tuple(state[k].shape) != expected[k])
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped keys ({len(misshaped)}): {'; '.join(misshaped)}")
+    if problems:
+        raise CheckpointError(f"weights in {where} do not match config.json: " + " | ".join(problems))
+
+
+def _tied_keys(model: torch.nn.Module) -> set[str]:
+    """lm_head keys that share storage with an embedding: save_pretrained leaves them out."""
+    out = set()
+    for prefix, lm in (("llm_model.", getattr(model, "llm_model", None)),
+                       ("tts_lm_model.", getattr(model, "tts_lm_model", None))):
+        if lm is not None and lm.config.tie_word_embeddings:
+            out.add(prefix + "lm_head.weight")
+    return out
+
+
+def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> OpenS2S:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    config = read_config(folder)
+    state = read_state_dict(folder)
+    with torch.device("meta"):
+        model = OpenS2S(config)
+    check_state_dict(model, state, str(folder))
+    model.load_state_dict(state, strict=False, assign=True)
+    for prefix, lm in (("llm_model.", model.llm_model), ("tts_lm_model.", model.tts_lm_model)):
+        if lm.config.tie_word_embeddings:
+            lm.lm_head.weight = lm.model.embed_tokens.weight
+        elif prefix + "lm_head.weight" not in state:
+            raise CheckpointError(f"{folder}: {prefix}lm_head.weight missing and embeddings are not tied")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def save_checkpoint(model: OpenS2S, out_dir: str | Path, assets_from: str | Path | None = None,
+                    assets: dict[str, bytes] | None = None, max_shard_bytes: int = 5 << 30,
+                    overwrite: bool = False) -> Path:
+    """Write `model` as an OpenS2S folder. Tokenizer/generation/feature files come from `assets`
+    (relative path -> bytes) or are copied from the checkpoint folder `assets_from`."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise CheckpointError(f"{out_dir} already exists (pass overwrite/--force to replace it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(model.config.raw, indent=2, sort_keys=True) + "\n")
+        _write_weights(model, tmp, max_shard_bytes)
+        files = dict(assets or {})
+        if assets_from is not None:
+            for rel in ASSET_FILES:
+                src = Path(assets_from) / rel
+                if rel not in files:
+                    if not src.is_file():
+                        raise CheckpointError(f"cannot copy {rel}: {src} is missing")
+                    files[rel] = src.read_bytes()
+        absent = [rel for rel in ASSET_FILES if rel not in files]
+        if absent:
+            raise CheckpointError(f"checkpoint assets missing: {', '.join(absent)}")
+        for rel, data in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_weights(model: OpenS2S, folder: Path, max_shard_bytes: int) -> None:
+    tied = _tied_keys(model)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in tied}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / SINGLE_FILE), metadata=metadata)
+        return
+    weight_map = {}
+    n = len(shards)
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{n:05d}.safetensors"
+        save_file(shard, str(folder / name), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,245 @@
+"""Qwen3 decoder with a static, preallocated KV cache: one definition for the LLM and the TTS LM.
+
+Parameter names follow Hugging Face's Qwen3ForCausalLM (`model.layers.N...`, `lm_head`), so the
+released OpenS2S weights load unchanged under the `llm_model.` and `tts_lm_model.` prefixes. The TTS LM
+is the same decoder plus a speaker head (`spk2tts`, `spk_ln`) that makes its first input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class Qwen3Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 40960
+    tie_word_embeddings: bool = False
+    # Width of the speaker vector fed through spk2tts; 0 for a plain LM (the LLM).
+    speaker_dim: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict, speaker_dim: int = 0) -> Qwen3Config:
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])
+        if d.get("rope_scaling"):
+            raise ValueError(f"rope_scaling {d['rope_scaling']!r} is not supported (Qwen3 uses none)")
+        return cls(**kwargs, speaker_dim=speaker_dim)
+
+
+class KVCache(nn.Module):
+    """Keys and values for every layer position up to `max_len`, written in place.
+
+    Layout (batch, kv_heads, max_len, head_dim) matches what attention reads, so an update is a
+    single indexed copy and a read is a view.
+    """
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Statistics in fp32 whatever the weights' dtype: fp16 variance overflows on real activations.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, c: Qwen3Config):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, pos: Tensor,
+                cache: KVCache | None) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(pos, k, v)
+            # Only the filled prefix is read: a view, no copy.
+            end = mask.shape[-1]
+            k, v = k[:, :, :end], v[:, :, :end]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: Qwen3Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: Qwen3Config):
+        super().__init__()
+        self.self_attn = Attention(c)
+        self.mlp = MLP(c)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, pos: Tensor,
+                cache: KVCache | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, pos, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, c: Qwen3Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+class Qwen3LM(nn.Module):
+    """Qwen3ForCausalLM-compatible decoder. `forward` takes embeddings so audio or projected LLM states
+    can be spliced in; it returns logits and the final-norm hidden state (what OpenS2S feeds the TTS LM).
+    """
+
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        self.config = config
+        self.model = Qwen3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if config.speaker_dim:
+            self.spk2tts = nn.Linear(config.speaker_dim, config.hidden_size, bias=False)
+            self.spk_ln = nn.LayerNorm(config.hidden_size, eps=1e-5)
+        self.caches: nn.ModuleList | None = None
+        self._rope_len = 0
+
+    # -- cache ---------------------------------------------------------------------------------------
+    def setup_cache(self, max_len: int, batch: int = 1, dtype: torch.dtype | None = None) -> None:
+        """Preallocate the KV cache once; later turns reuse it (positions restart at 0)."""
+        c = self.config
+        if max_len > c.max_position_embeddings:
+            raise ValueError(f"max_len {max_len} exceeds max_position_embeddings {c.max_position_embeddings}")
+        param = self.model.embed_tokens.weight
+        dtype = dtype or param.dtype
+        self.caches = nn.ModuleList(
+            KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, dtype, param.device)
+            for _ in range(c.num_hidden_layers))
+        self._ensure_rope(max_len)
+
+    @property
+    def max_len(self) -> int:
+        return 0 if self.caches is None else self.caches[0].k.shape[2]
+
+    def _ensure_rope(self, n: int) -> None:
+        if n > self._rope_len:
+            cos, sin = rope_tables(self.config.head_dim, n, self.config.rope_theta)
+            device = self.model.embed_tokens.weight.device
+            self.register_buffer("rope_cos", cos.to(device), persistent=False)
+            self.register_buffer("rope_sin", sin.to(device), persistent=False)
+            self._rope_len = n
+
+    # -- forward -------------------------------------------------------------------------------------
+    def embed(self, ids: Tensor) -> Tensor:
+        return self.model.embed_tokens(ids)
+
+    def speaker_input(self, speaker: Tensor) -> Tensor:
+        """The TTS LM's first input from a speaker vector (zeros give the learned start vector)."""
+        return self.spk_ln(self.spk2tts(speaker))
+
+    def forward(self, inputs_embeds: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
+        """Run positions start..start+T-1. With a cache set up, their K/V are written into it and the
+        attention reads everything before them; without one, the call is a plain causal forward.
+        Returns (logits (B,T,V), hidden (B,T,D)) where hidden is after the final norm.
+        """
+        t = inputs_embeds.shape[1]
+        end = start + t
+        if self.caches is not None and end > self.max_len:
+            raise ContextFull(f"context of {end} positions exceeds the cache of {self.max_len}")
+        self._ensure_rope(end)
+        pos = torch.arange(start, end, device=inputs_embeds.device)
+        cos = self.rope_cos[start:end].to(inputs_embeds.dtype)
+        sin = self.rope_sin[start:end].to(inputs_embeds.dtype)
+        mask = pos[:, None] >= torch.arange(end, device=inputs_embeds.device)[None, :]
+        if self.caches is None:
+            mask = mask[:, start:]
+            if start:
+                raise ValueError("start > 0 needs a KV cache (call setup_cache first)")
+        x = inputs_embeds
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, pos, None if self.caches is None else self.caches[i])
+        hidden = self.model.norm(x)
+        return self.lm_head(hidden), hidden
+
+
+class ContextFull(RuntimeError):
+    """The KV cache has no room for the next positions: the turn must stop here."""
+
+
+def init_weights(module: nn.Module, std: float, generator: torch.Generator) -> None:
+    """Deterministic random init (normal(0, std) for matrices, ones/zeros for norms), seeded."""
+    for name, p in module.named_parameters():
+        with torch.no_grad():
+            if name.endswith("norm.weight") or name.endswith("_ln.weight") or name.endswith("ln.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+__all__ = ["Qwen3Config", "Qwen3LM", "KVCache", "ContextFull", "init_weights", "param_count"]
