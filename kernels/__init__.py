@@ -1,1 +1,1 @@
-
+"""Custom kernels (Triton) with their reference implementations."""
