@@ -8,6 +8,9 @@ DEMO ?= demo
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@# espeak-ng and sox make the test speech; install them where we can (root with apt).
+	@command -v espeak-ng >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && apt-get install -y -qq espeak-ng sox libportaudio2 >/dev/null; } || true
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
@@ -21,5 +24,6 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 demo: setup
-	$(VENV)/bin/opens2s-edge init --preset tiny --force $(DEMO)/checkpoint
-	$(VENV)/bin/opens2s-edge generate --checkpoint $(DEMO)/checkpoint --audio opens2s_edge/assets/hello.wav --greedy
+	$(VENV)/bin/opens2s-edge init --preset tiny --force $(DEMO)
+	$(VENV)/bin/opens2s-edge export --checkpoint $(DEMO)/checkpoint --decoder $(DEMO)/decoder --out $(DEMO)/bundle --force
+	$(VENV)/bin/opens2s-edge run $(DEMO)/bundle --audio opens2s_edge/assets/hello.wav --out $(DEMO)/reply.wav
