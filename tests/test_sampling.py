@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from opens2s_edge.runtime.sampling import Sampler, SamplingConfig
 
 
