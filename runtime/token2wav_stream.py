@@ -256,7 +256,10 @@ def synthesize_mel(
         raise Token2WavError(f"prompt mel: {n_prompt} frames leave none for the {len(tokens)} new tokens")
     cond = np.zeros_like(mu)
     if n_prompt:
-        cond[:, :n_prompt] = np.asarray(prompt_mel, np.float32).reshape(spec.mel_bins, n_prompt)
+        prompt_mel = np.asarray(prompt_mel, np.float32)
+        if prompt_mel.size != spec.mel_bins * n_prompt:
+            raise Token2WavError(f"prompt mel: expected shape ({spec.mel_bins}, frames), got {prompt_mel.shape}")
+        cond[:, :n_prompt] = prompt_mel.reshape(spec.mel_bins, n_prompt)
     if noise is None:
         noise = _FrameNoise(seed, 0, spec.mel_bins, 1).frames(0, total)
     elif noise.shape != mu.shape:
