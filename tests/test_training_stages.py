@@ -133,3 +133,29 @@ def test_stage3_lora_checkpoint_is_plain_opens2s_and_generates(setup: dict[str, 
     result = Generator(out)(wav, GenerationOptions(greedy=True, max_text_tokens=12, max_speech_tokens=24))
     assert result.text_ids and result.speech_ids
     assert all(0 <= u < 16384 for u in result.speech_units)
+
+
+@pytest.mark.parametrize("fsdp", ["off", "on"])
+def test_torchrun_two_processes(setup: dict[str, Path], tmp_path: Path, fsdp: str) -> None:
+    """torchrun with 2 CPU processes (gloo): DDP, and FSDP2 forced on; both see the same first-step loss
+    as each other, save state and write the merged checkpoint."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"checkpoint: {setup['ckpt']}\ndata: {setup['data']}\noutput_dir: out\nmax_steps: 2\n"
+                      "batch_size: 2\nlr: 3.0e-3\nlog_every: 1\nnum_threads: 1\nsave_every: 2\nseed: 5\n"
+                      f"fsdp: '{fsdp}'\nactivation_checkpointing: true\nlora: {{r: 4, alpha: 8, dropout: 0.0}}\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "opens2s_edge.cli", "train", "--stage", "3", "--config", str(config)]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert ("FSDP" if fsdp == "on" else "DDP") in proc.stdout
+    assert "step 2/2 loss" in proc.stdout
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").open()]
+    (setup["root"] / f"torchrun_{fsdp}.json").write_text(json.dumps(log[0]["loss"]))
+    other = setup["root"] / f"torchrun_{'on' if fsdp == 'off' else 'off'}.json"
+    if other.is_file():
+        assert abs(json.loads(other.read_text()) - log[0]["loss"]) < 1e-5
+    assert load_checkpoint(tmp_path / "out" / "checkpoint") is not None

@@ -249,9 +249,8 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if cfg.num_threads > 0:
             torch.set_num_threads(cfg.num_threads)
-        torch.manual_seed(cfg.seed + self.dist.rank)
-        random.seed(cfg.seed + self.dist.rank)
-        np.random.seed(cfg.seed + self.dist.rank)
+        # Same seed on every rank while parameters are created (LoRA init): FSDP does not broadcast them.
+        torch.manual_seed(cfg.seed)
 
         model = load_checkpoint(cfg.checkpoint, dtype=torch.float32, device=self.dist.device)
         model.train()
@@ -264,6 +263,10 @@ class Trainer:
         self.stage_model = StageModel(model, cfg.stage, cfg.text_weight, cfg.speech_weight)
         self.use_fsdp = self._want_fsdp()
         self.wrapped = self._wrap(self.stage_model)
+        # From here on each rank draws its own dropout masks.
+        torch.manual_seed(cfg.seed + self.dist.rank)
+        random.seed(cfg.seed + self.dist.rank)
+        np.random.seed(cfg.seed + self.dist.rank)
 
         params = [p for p in self.stage_model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
@@ -383,6 +386,14 @@ class Trainer:
                     parts[k] = parts.get(k, 0.0) + v / cfg.grad_accum
                 tokens += out.tokens
             self.guard.check()
+            if self.dist.world > 1:
+                # Log the mean over ranks, not rank 0's shard of the data.
+                keys = sorted(parts)
+                t = torch.tensor([total, tokens, *(parts[k] for k in keys)], dtype=torch.float64,
+                                 device=self.dist.device)
+                dist.all_reduce(t)
+                total, tokens = t[0].item() / self.dist.world, int(t[1].item())
+                parts = {k: t[2 + i].item() / self.dist.world for i, k in enumerate(keys)}
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_([p for p in self.stage_model.parameters() if p.requires_grad],
                                                cfg.max_grad_norm)
