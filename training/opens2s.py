@@ -64,11 +64,16 @@ class OpenS2S(nn.Module):
         self.llm2tts = nn.Linear(config.llm.hidden_size, config.tts.hidden_size, bias=False)
         self.llm_ln = nn.LayerNorm(config.tts.hidden_size, eps=1e-5)
 
-    def encode_audio(self, features: Tensor, length: Tensor) -> Tensor:
-        """Log-mel (B, n_mels, 3000*S) + valid frame count -> adapter embeddings (B, T6.25, D_llm)."""
+    def audio_embeddings(self, features: Tensor, length: Tensor) -> tuple[Tensor, Tensor]:
+        """Log-mel (B, n_mels, 3000*S) + valid log-mel frames (B,) -> adapter embeddings (B, 187*S+, D_llm)
+        over the whole input and the valid 6.25 Hz rows (B,). Static shapes: this is the audio graph."""
         encoded, enc_lengths = self.audio_encoder_model(features, length)
-        embeds, _ = self.audio_adapter(encoded, enc_lengths)
-        return embeds
+        return self.audio_adapter(encoded, enc_lengths)
+
+    def encode_audio(self, features: Tensor, length: Tensor) -> Tensor:
+        """One utterance: its valid adapter embeddings (1, T6.25, D_llm)."""
+        embeds, valid = self.audio_embeddings(features, length)
+        return embeds[:, : int(valid[0])]
 
     def tts_input(self, llm_hidden: Tensor) -> Tensor:
         """LLM final-norm hidden states -> TTS LM input embeddings."""
