@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .opens2s import OpenS2S, OpenS2SConfig
@@ -104,7 +104,7 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
                     state[key] = f.get_tensor(key)
-        except (OSError, RuntimeError, ValueError) as exc:
+        except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
             raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
     return state
 
