@@ -150,4 +150,5 @@ def write_preset(preset: str, out_dir: str | Path, seed: int = 0, overwrite: boo
     model = OpenS2S(config)
     generator = torch.Generator().manual_seed(seed)
     init_weights(model, std=0.02 if preset != "tiny" else 0.2, generator=generator)
+    model.audio_encoder_model.reset_positions()  # a fixed sinusoid table in the released model, not learned
     return save_checkpoint(model, out_dir, assets=files, overwrite=overwrite)
