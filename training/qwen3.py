@@ -197,27 +197,41 @@ class Qwen3LM(nn.Module):
         """The TTS LM's first input from a speaker vector (zeros give the learned start vector)."""
         return self.spk_ln(self.spk2tts(speaker))
 
-    def forward(self, inputs_embeds: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
-        """Run positions start..start+T-1. With a cache set up, their K/V are written into it and the
-        attention reads everything before them; without one, the call is a plain causal forward.
-        Returns (logits (B,T,V), hidden (B,T,D)) where hidden is after the final norm.
+    def forward(self, inputs_embeds: Tensor, start: int | Tensor = 0, caches: list | None = None,
+                last_only: bool = False) -> tuple[Tensor, Tensor]:
+        """Run positions start..start+T-1 and return (logits (B,T,V), hidden (B,T,D)), hidden after the
+        final norm. `last_only` computes logits and hidden for the last position only.
+
+        With an int `start` and the cache from `setup_cache`, K/V are written in place and attention reads
+        the filled prefix; without a cache the call is a plain causal forward (training). With a tensor
+        `start` and explicit `caches` (objects with `.k` and `update(pos, k, v)`), the whole preallocated
+        cache is read under a mask: the fixed-shape form the exported graphs use.
         """
         t = inputs_embeds.shape[1]
-        end = start + t
-        if self.caches is not None and end > self.max_len:
-            raise ContextFull(f"context of {end} positions exceeds the cache of {self.max_len}")
-        self._ensure_rope(end)
-        pos = torch.arange(start, end, device=inputs_embeds.device)
-        cos = self.rope_cos[start:end].to(inputs_embeds.dtype)
-        sin = self.rope_sin[start:end].to(inputs_embeds.dtype)
-        mask = pos[:, None] >= torch.arange(end, device=inputs_embeds.device)[None, :]
-        if self.caches is None:
-            mask = mask[:, start:]
-            if start:
+        device = inputs_embeds.device
+        caches = self.caches if caches is None else caches
+        if isinstance(start, Tensor):
+            kv_len = caches[0].k.shape[2]
+            self._ensure_rope(kv_len)
+            pos = start.reshape(()) + torch.arange(t, device=device)
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        else:
+            end = start + t
+            if caches is not None and end > caches[0].k.shape[2]:
+                raise ContextFull(f"context of {end} positions exceeds the cache of {caches[0].k.shape[2]}")
+            if caches is None and start:
                 raise ValueError("start > 0 needs a KV cache (call setup_cache first)")
+            self._ensure_rope(end)
+            kv_len = end if caches is not None else t
+            pos = torch.arange(start, end, device=device)
+            cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+        mask = pos[:, None] >= torch.arange(kv_len, device=device)[None, :]
+        cos, sin = cos.to(inputs_embeds.dtype), sin.to(inputs_embeds.dtype)
         x = inputs_embeds
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, pos, None if self.caches is None else self.caches[i])
+            x = layer(x, cos, sin, mask, pos, None if caches is None else caches[i])
+        if last_only:
+            x = x[:, -1:]
         hidden = self.model.norm(x)
         return self.lm_head(hidden), hidden
 
