@@ -109,7 +109,12 @@ class Attention(nn.Module):
             # Only the filled prefix is read: a view, no copy.
             end = mask.shape[-1]
             k, v = k[:, :, :end], v[:, :, :end]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        # GQA as plain attention: the query heads that share a KV head are stacked along the rows, so no
+        # copy of the cache is made (and the graph exports without SDPA's enable_gqa).
+        group = self.n_heads // self.n_kv
+        q = q.reshape(b, self.n_kv, group * t, self.head_dim)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(group, 1) if group > 1 else mask)
+        y = y.reshape(b, self.n_heads, t, self.head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 

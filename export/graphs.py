@@ -1,0 +1,193 @@
+"""PyTorch modules -> ONNX graphs, one exporter per graph, all on the one model definition.
+
+Every exporter returns a `GraphSpec` (file, input/output names, dynamic axes, example inputs) and the
+pipeline exports, checks and verifies them alike. The KV-cache contract of the decoder graphs is in
+export/README.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from opens2s_edge.training.opens2s import SPEAKER_DIM, OpenS2S
+from opens2s_edge.training.qwen3 import Qwen3LM
+from opens2s_edge.training.token2wav.decoder import Token2Wav
+
+WINDOW_FRAMES = 3000
+
+
+@dataclass
+class GraphSpec:
+    name: str
+    module: nn.Module
+    inputs: dict[str, Tensor]  # example inputs in call order
+    outputs: list[str]
+    dynamic: dict[str, dict[int, str]] = field(default_factory=dict)
+    # Other input sizes the pipeline checks the exported graph at (name -> example tensors).
+    probes: list[dict[str, Tensor]] = field(default_factory=list)
+    form: str = "classic"
+    limits: dict[str, int] = field(default_factory=dict)
+    # Inputs bound to the same buffer as an output (in-place cache): input name -> output name.
+    aliases: dict[str, str] = field(default_factory=dict)
+    # fp32 islands: module types that stay in float32 when the graph is exported in fp16/bf16.
+    keep_fp32: tuple[type, ...] = ()
+
+
+class GraphKVCache:
+    """One layer's cache inside an exported graph: the past arrives as an input, the updated cache
+    leaves as an output. The write is a ScatterElements on the sequence axis (TensorRT 10.3 parses it)."""
+
+    def __init__(self, k: Tensor, v: Tensor):
+        self.k, self.v = k, v
+
+    def update(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        index = pos.view(1, 1, -1, 1).expand_as(k)
+        self.k = torch.scatter(self.k, 2, index, k)
+        self.v = torch.scatter(self.v, 2, index, v)
+        return self.k, self.v
+
+
+class DecoderStep(nn.Module):
+    """(inputs_embeds, start, past_key_0, past_value_0, ...) -> (logits, hidden, present_key_0, ...).
+
+    Logits and hidden are for the last input row only: prefill needs nothing else, and it keeps a
+    151k-vocabulary head off the prompt rows.
+    """
+
+    def __init__(self, lm: Qwen3LM):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, inputs_embeds: Tensor, start: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
+        caches = [GraphKVCache(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        logits, hidden = self.lm(inputs_embeds, start, caches=caches, last_only=True)
+        presents = [t for c in caches for t in (c.k, c.v)]
+        return (logits, hidden, *presents)
+
+
+def decoder_graph(name: str, lm: Qwen3LM, max_context: int, dtype: torch.dtype) -> GraphSpec:
+    c = lm.config
+    cache_shape = (1, c.num_key_value_heads, max_context, c.head_dim)
+    gen = torch.Generator().manual_seed(0)
+
+    def example(t: int, start: int) -> dict[str, Tensor]:
+        feeds: dict[str, Tensor] = {
+            "inputs_embeds": torch.randn(1, t, c.hidden_size, generator=gen).to(dtype),
+            "start": torch.tensor(start, dtype=torch.int64),
+        }
+        for i in range(c.num_hidden_layers):
+            feeds[f"past_key_{i}"] = torch.randn(cache_shape, generator=gen).to(dtype)
+            feeds[f"past_value_{i}"] = torch.randn(cache_shape, generator=gen).to(dtype)
+        return feeds
+
+    inputs = example(5, 3)
+    outputs = ["logits", "hidden"]
+    aliases = {}
+    for i in range(c.num_hidden_layers):
+        outputs += [f"present_key_{i}", f"present_value_{i}"]
+        aliases[f"past_key_{i}"] = f"present_key_{i}"
+        aliases[f"past_value_{i}"] = f"present_value_{i}"
+    return GraphSpec(
+        name=name, module=DecoderStep(lm), inputs=inputs, outputs=outputs,
+        dynamic={"inputs_embeds": {1: "tokens"}},
+        probes=[example(1, 0), example(1, max_context - 1), example(min(17, max_context), 0)],
+        limits={"max_context": max_context}, aliases=aliases,
+    )
+
+
+class TTSProjection(nn.Module):
+    def __init__(self, model: OpenS2S):
+        super().__init__()
+        self.llm2tts, self.llm_ln = model.llm2tts, model.llm_ln
+
+    def forward(self, llm_hidden: Tensor) -> Tensor:
+        return self.llm_ln(self.llm2tts(llm_hidden))
+
+
+class SpeakerProjection(nn.Module):
+    def __init__(self, model: OpenS2S):
+        super().__init__()
+        self.spk2tts, self.spk_ln = model.tts_lm_model.spk2tts, model.tts_lm_model.spk_ln
+
+    def forward(self, speaker: Tensor) -> Tensor:
+        return self.spk_ln(self.spk2tts(speaker))
+
+
+class AudioGraph(nn.Module):
+    def __init__(self, model: OpenS2S):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_features: Tensor, feature_length: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model.audio_embeddings(input_features, feature_length)
+
+
+def opens2s_graphs(model: OpenS2S, max_context: int, max_audio_seconds: int, dtype: torch.dtype) -> list[GraphSpec]:
+    d_llm = model.config.llm.hidden_size
+    windows = -(-max_audio_seconds // 30)
+    n_mels = model.config.audio.num_mel_bins
+    gen = torch.Generator().manual_seed(1)
+    audio_inputs = {"input_features": torch.randn(1, n_mels, WINDOW_FRAMES, generator=gen).to(dtype),
+                    "feature_length": torch.tensor([1234], dtype=torch.int64)}
+    audio_probes = [{"input_features": torch.randn(1, n_mels, WINDOW_FRAMES, generator=gen).to(dtype),
+                     "feature_length": torch.tensor([WINDOW_FRAMES], dtype=torch.int64)}]
+    if windows > 1:
+        audio_probes.append({"input_features": torch.randn(1, n_mels, WINDOW_FRAMES * 2, generator=gen).to(dtype),
+                             "feature_length": torch.tensor([WINDOW_FRAMES + 777], dtype=torch.int64)})
+    return [
+        GraphSpec("audio_encoder", AudioGraph(model), audio_inputs, ["audio_embeds", "valid_length"],
+                  dynamic={"input_features": {2: "frames"}, "audio_embeds": {1: "rows"}},
+                  probes=audio_probes, limits={"max_windows": windows, "window_frames": WINDOW_FRAMES},
+                  keep_fp32=(nn.LayerNorm,)),
+        decoder_graph("llm", model.llm_model, max_context, dtype),
+        decoder_graph("tts_lm", model.tts_lm_model, max_context, dtype),
+        GraphSpec("tts_projection", TTSProjection(model), {"llm_hidden": torch.randn(1, 4, d_llm, generator=gen)
+                                                           .to(dtype)}, ["tts_inputs"],
+                  dynamic={"llm_hidden": {1: "rows"}, "tts_inputs": {1: "rows"}},
+                  probes=[{"llm_hidden": torch.randn(1, 1, d_llm, generator=gen).to(dtype)}],
+                  keep_fp32=(nn.LayerNorm,)),
+        GraphSpec("speaker_projection", SpeakerProjection(model),
+                  {"speaker": torch.randn(1, 1, SPEAKER_DIM, generator=gen).to(dtype)}, ["speaker_input"],
+                  keep_fp32=(nn.LayerNorm,)),
+    ]
+
+
+def token2wav_graphs(decoder: Token2Wav, dtype: torch.dtype) -> list[GraphSpec]:
+    spec = decoder.spec
+    gen = torch.Generator().manual_seed(2)
+    mels, sines = spec.mel_bins, spec.n_sines
+
+    def flow_in(n: int) -> dict[str, Tensor]:
+        return {"tokens": torch.randint(0, spec.vocab_size, (1, n), generator=gen),
+                "embedding": torch.randn(1, spec.spk_dim, generator=gen).to(dtype)}
+
+    def est_in(t: int) -> dict[str, Tensor]:
+        return {"x": torch.randn(2, mels, t, generator=gen).to(dtype), "mask": torch.ones(2, 1, t).to(dtype),
+                "mu": torch.randn(2, mels, t, generator=gen).to(dtype), "t": torch.rand(2, generator=gen).to(dtype),
+                "spks": torch.randn(2, mels, generator=gen).to(dtype),
+                "cond": torch.randn(2, mels, t, generator=gen).to(dtype)}
+
+    def hift_in(t: int) -> dict[str, Tensor]:
+        return {"mel": torch.randn(1, mels, t, generator=gen).to(dtype) - 5.0,
+                "phase": torch.rand(1, sines, 1, generator=gen).to(dtype),
+                "noise": torch.randn(1, sines, t * spec.hop, generator=gen).to(dtype)}
+
+    return [
+        GraphSpec("flow", decoder.flow, flow_in(23), ["mu", "spks"],
+                  dynamic={"tokens": {1: "tokens"}, "mu": {2: "frames"}}, probes=[flow_in(10), flow_in(57)],
+                  keep_fp32=(nn.LayerNorm,)),
+        GraphSpec("estimator", decoder.estimator, est_in(37), ["velocity"],
+                  dynamic={k: {2: "frames"} for k in ("x", "mask", "mu", "cond", "velocity")},
+                  probes=[est_in(16), est_in(90)], keep_fp32=(nn.LayerNorm, nn.GroupNorm)),
+        GraphSpec("hift", decoder.hift, hift_in(20), ["wav", "source", "frame_phase"],
+                  dynamic={"mel": {2: "frames"}, "noise": {2: "samples"}, "wav": {1: "samples"},
+                           "source": {2: "samples"}, "frame_phase": {2: "frames"}},
+                  probes=[hift_in(8), hift_in(45)]),
+    ]
+
+
+GraphFactory = Callable[..., list[GraphSpec]]
