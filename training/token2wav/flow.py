@@ -188,7 +188,8 @@ class Flow(nn.Module):
         M = floor(N * 441 / 64) at 12.5 Hz. Negative ids are clamped to 0 as in the reference (padding ids).
         """
         spks = self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
-        x = self.input_embedding(torch.clamp(tokens, min=0))
+        # max rather than clamp: TensorRT's Clip takes floats only.
+        x = self.input_embedding(torch.maximum(tokens, torch.zeros_like(tokens)))
         h = self.encoder_proj(self.encoder(x))
         mu = self.length_regulator(h.transpose(1, 2), self.n_frames(tokens.shape[1]))
         return mu, spks
