@@ -1,0 +1,87 @@
+"""`opens2s-edge run`: one voice turn on a bundle, torch-free. Streams the text, writes the reply audio
+atomically, ends with a latency line (or prints JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", type=Path, help="bundle folder written by `opens2s-edge export`")
+    p.add_argument("--audio", type=Path, required=True, help="user utterance (16 kHz mono preferred)")
+    p.add_argument("--out", type=Path, required=True, help="reply audio (wav, 22.05 kHz)")
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--reference-sampling", action="store_true",
+                   help="sample speech over the whole TTS vocabulary, as the reference does")
+    p.add_argument("--max-text-tokens", type=int, default=None)
+    p.add_argument("--max-speech-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--provider", action="append", default=None, choices=["cpu", "cuda", "tensorrt"],
+                   help="onnxruntime execution provider (repeatable, in priority order; default cpu)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = onnxruntime default)")
+    p.add_argument("--json", action="store_true",
+                   help="print {text, text_ids, speech_ids, speech_units, latency} instead of streaming text")
+
+
+def write_wav_atomic(path: Path, audio, sample_rate: int) -> None:
+    """Write to a temporary file beside `path`, then rename: no half-written reply is ever left."""
+    import soundfile as sf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".wav", dir=path.parent)
+    os.close(fd)
+    try:
+        sf.write(tmp, audio, sample_rate, subtype="PCM_16")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(args: argparse.Namespace) -> int:
+    from opens2s_edge.cli import UserError
+
+    from .audio import AudioInputError, load_wav
+    from .bundle import BundleError, load_bundle
+    from .engine import AudioChunk, TextDelta, TurnDone, TurnOptions, VoiceEngine
+    from .onnx_backend import BackendError
+
+    try:
+        wav = load_wav(args.audio)
+        engine = VoiceEngine(load_bundle(args.bundle), tuple(args.provider or ["cpu"]), args.threads)
+        options = TurnOptions(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              reference_sampling=args.reference_sampling, max_text_tokens=args.max_text_tokens,
+                              max_speech_tokens=args.max_speech_tokens, seed=args.seed)
+    except (AudioInputError, BundleError, BackendError, ValueError) as exc:
+        raise UserError(str(exc)) from exc
+    done = None
+    for event in engine.turn(wav, options):
+        if isinstance(event, TextDelta) and not args.json:
+            print(event.text, end="", flush=True)
+        elif isinstance(event, AudioChunk):
+            pass  # the whole reply is written at the end; a speaker sink would play each chunk here
+        elif isinstance(event, TurnDone):
+            done = event
+    assert done is not None
+    write_wav_atomic(args.out, done.audio, done.sample_rate)
+    lat = done.latency
+    if args.json:
+        json.dump(done.to_json(), sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print()
+        rtf = f"{lat.rtf:.3f}" if lat.rtf is not None else "n/a"
+        first_text = f"{lat.first_text_s * 1000:.0f} ms" if lat.first_text_s is not None else "n/a"
+        first_audio = f"{lat.first_audio_s * 1000:.0f} ms" if lat.first_audio_s is not None else "n/a"
+        print(f"[latency] first text token {first_text} | first audio {first_audio} | RTF {rtf} | "
+              f"{lat.audio_s:.2f} s of audio in {lat.total_s:.2f} s | stopped: {done.stopped} -> {args.out}",
+              file=sys.stderr)
+    return 0

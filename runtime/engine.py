@@ -1,0 +1,271 @@
+"""One voice turn on a bundle: speech in, text and streamed speech out, as a stream of timed events.
+
+```
+wav -> log-mel (numpy) -> audio graph -> prompt splice -> interleave(LLM graph, TTS graph)
+                                                              | speech tokens
+                                                              v
+                                              Token2WavStream(flow, estimator, HiFT graphs) -> PCM
+```
+Sessions, caches and buffers are created once per `VoiceEngine`; a turn resets positions only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .audio import audio_features
+from .bundle import Bundle
+from .interleave import InterleaveConfig, InterleaveResult, interleave
+from .onnx_backend import CachedDecoder, ContextFull, make_session, resolve_providers
+from .prompt import AUDIO_PLACEHOLDER_ID, DEFAULT_SYSTEM_PROMPT, PromptBuilder, SpeechVocab
+from .sampling import Sampler, SamplingConfig
+from .token2wav_stream import DecoderSpec, StreamConfig, Token2WavStream
+
+
+@dataclass
+class TurnOptions:
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    speech_temperature: float = 1.0
+    reference_sampling: bool = False
+    max_text_tokens: int | None = None
+    max_speech_tokens: int | None = None
+    seed: int = 0
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    stream: StreamConfig = field(default_factory=StreamConfig)
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    t: float  # seconds since the turn started
+    token: int
+    text: str  # the new characters this token completed (may be empty mid-character)
+
+
+@dataclass(frozen=True)
+class SpeechToken:
+    t: float
+    token: int
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    t: float
+    pcm: np.ndarray  # float32 mono at `sample_rate`
+    sample_rate: int
+
+
+@dataclass
+class Latency:
+    first_text_s: float | None = None
+    first_audio_s: float | None = None
+    total_s: float = 0.0
+    audio_s: float = 0.0
+    encode_s: float = 0.0
+
+    @property
+    def rtf(self) -> float | None:
+        """Real-time factor: turn wall time over seconds of reply audio (< 1 is faster than real time)."""
+        return self.total_s / self.audio_s if self.audio_s else None
+
+    def to_json(self) -> dict:
+        return {"first_text_s": self.first_text_s, "first_audio_s": self.first_audio_s, "total_s": self.total_s,
+                "audio_s": self.audio_s, "encode_s": self.encode_s, "rtf": self.rtf}
+
+
+@dataclass
+class TurnDone:
+    t: float
+    text: str
+    text_ids: list[int]
+    speech_ids: list[int]  # TTS vocabulary ids, EOS excluded
+    speech_units: list[int]  # vocoder codes
+    audio: np.ndarray
+    sample_rate: int
+    latency: Latency
+    stopped: str  # "eos", "budget" or "context"
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "text_ids": self.text_ids, "speech_ids": self.speech_ids,
+                "speech_units": self.speech_units, "latency": self.latency.to_json()}
+
+
+Event = TextDelta | SpeechToken | AudioChunk | TurnDone
+
+
+class _TextDecoder:
+    def __init__(self, decoder: CachedDecoder, prompt_embeds: np.ndarray):
+        self.decoder, self.prompt_embeds = decoder, prompt_embeds
+
+    def prefill(self) -> tuple[np.ndarray, np.ndarray]:
+        self.decoder.reset()
+        out = self.decoder.run(self.prompt_embeds)
+        return out["logits"], out["hidden"]
+
+    def step(self, token: int) -> tuple[np.ndarray, np.ndarray]:
+        out = self.decoder.run(self.decoder.embed([token]))
+        return out["logits"], out["hidden"]
+
+
+class _SpeechDecoder:
+    def __init__(self, engine: VoiceEngine):
+        self.decoder = engine.tts
+        self.engine = engine
+
+    def start(self) -> None:
+        self.decoder.reset()
+        self.decoder.run(self.engine.speaker_start)
+
+    def feed_hidden(self, hidden: np.ndarray) -> np.ndarray:
+        projected = self.engine.project_hidden(hidden)
+        return self.decoder.run(projected)["logits"]
+
+    def step(self, token: int) -> np.ndarray:
+        return self.decoder.run(self.decoder.embed([token]))["logits"]
+
+
+class OrtToken2Wav:
+    """The streaming token2wav protocol on the bundle's flow, estimator and HiFT graphs."""
+
+    def __init__(self, bundle: Bundle, providers: list[str], threads: int):
+        self.spec = DecoderSpec(**bundle.manifest["token2wav"]["spec"])
+        self.flow = make_session(bundle.graph_path("flow"), providers, threads)
+        self.estimator = make_session(bundle.graph_path("estimator"), providers, threads)
+        self.hift = make_session(bundle.graph_path("hift"), providers, threads)
+
+    def encode(self, tokens: np.ndarray, embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mu, spks = self.flow.run(None, {"tokens": np.asarray(tokens, np.int64)[None],
+                                        "embedding": np.asarray(embedding, np.float32)[None]})
+        return mu[0], spks[0]
+
+    def estimate(self, x: np.ndarray, mask: np.ndarray, mu: np.ndarray, t: np.ndarray, spks: np.ndarray,
+                 cond: np.ndarray) -> np.ndarray:
+        feeds = {"x": x, "mask": mask, "mu": mu, "t": t, "spks": spks, "cond": cond}
+        return self.estimator.run(None, {k: np.ascontiguousarray(v, np.float32) for k, v in feeds.items()})[0]
+
+    def vocode(self, mel: np.ndarray, phase: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        wav, _source, frame_phase = self.hift.run(None, {
+            "mel": np.ascontiguousarray(mel, np.float32)[None],
+            "phase": np.asarray(phase, np.float32).reshape(1, -1, 1),
+            "noise": np.ascontiguousarray(noise, np.float32)[None]})
+        return wav[0], frame_phase[0]
+
+
+class AudioTooLong(ValueError):
+    """The utterance is longer than the audio graph's profile."""
+
+
+class VoiceEngine:
+    """A loaded bundle, ready to answer turns. Not thread-safe: one turn at a time."""
+
+    def __init__(self, bundle: Bundle, providers: tuple[str, ...] = ("cpu",), threads: int = 0):
+        self.bundle = bundle
+        providers_ = resolve_providers(providers)
+        m = bundle.manifest
+        self.prompt = PromptBuilder.from_folder(bundle.root)
+        self.vocab = SpeechVocab.from_folder(bundle.root / "tts")
+        self.audio = make_session(bundle.graph_path("audio_encoder"), providers_, threads)
+        self.llm = CachedDecoder(make_session(bundle.graph_path("llm"), providers_, threads),
+                                 bundle.array("llm_embed"))
+        self.tts = CachedDecoder(make_session(bundle.graph_path("tts_lm"), providers_, threads),
+                                 bundle.array("tts_embed"))
+        self.tts_projection = make_session(bundle.graph_path("tts_projection"), providers_, threads)
+        self.speaker_projection = make_session(bundle.graph_path("speaker_projection"), providers_, threads)
+        self.speaker_start = self.project_speaker(np.zeros(m["tts"]["speaker_dim"], np.float32))
+        self.token2wav = OrtToken2Wav(bundle, providers_, threads)
+        self.generation = m["generation"]
+
+    # -- small graphs --------------------------------------------------------------------------------
+    def project_hidden(self, hidden: np.ndarray) -> np.ndarray:
+        """LLM final-norm hidden states (k, D_llm) -> TTS LM inputs (k, D_tts)."""
+        return self.tts_projection.run(None, {"llm_hidden": hidden[None].astype(self.llm.embed_dtype)})[0][0]
+
+    def project_speaker(self, speaker: np.ndarray) -> np.ndarray:
+        """A speaker vector -> the TTS LM's first input (1, D_tts); zeros give the learned start vector."""
+        feed = speaker.reshape(1, 1, -1).astype(self.llm.embed_dtype)
+        return self.speaker_projection.run(None, {"speaker": feed})[0][0]
+
+    def encode_audio(self, wav: np.ndarray) -> np.ndarray:
+        """16 kHz mono samples -> the valid adapter embeddings (T, D_llm)."""
+        features, length = audio_features(wav)
+        windows = features.shape[2] // self.bundle.manifest["audio"]["window_frames"]
+        limit = self.bundle.graph("audio_encoder")["limits"]["max_windows"]
+        if windows > limit:
+            raise AudioTooLong(f"the utterance is {wav.size / 16000:.1f} s; this bundle's audio graph takes at most "
+                               f"{limit * 30} s (export with a larger --max-audio-seconds)")
+        embeds, valid = self.audio.run(None, {"input_features": features.astype(self.llm.embed_dtype),
+                                              "feature_length": np.array([length], np.int64)})
+        return embeds[0, : int(valid[0])]
+
+    # -- one turn ------------------------------------------------------------------------------------
+    def turn(self, wav: np.ndarray, options: TurnOptions | None = None) -> Iterator[Event]:
+        options = options or TurnOptions()
+        t0 = time.perf_counter()
+        latency = Latency()
+        audio_embeds = self.encode_audio(wav)
+        latency.encode_s = time.perf_counter() - t0
+        prompt_ids = self.prompt.prompt_ids(options.system_prompt)
+        cut = prompt_ids.index(AUDIO_PLACEHOLDER_ID)
+        prompt_embeds = np.concatenate([self.llm.embed(prompt_ids[:cut]), audio_embeds.astype(self.llm.embed_dtype),
+                                        self.llm.embed(prompt_ids[cut + 1:])])
+        g = self.generation
+        cfg = InterleaveConfig.from_strategy(
+            self.bundle.manifest["interleave_strategy"],
+            max_text_tokens=options.max_text_tokens if options.max_text_tokens is not None else g["max_text_tokens"],
+            max_speech_tokens=(options.max_speech_tokens if options.max_speech_tokens is not None
+                               else g["max_speech_tokens"]),
+            text_eos_ids=tuple(g["text_eos_ids"]), speech_eos_id=g["speech_eos_id"])
+        rng = np.random.default_rng(options.seed)
+        text_sampler = Sampler(SamplingConfig(options.temperature, options.top_k, options.top_p, options.greedy), rng)
+        speech_config = SamplingConfig(options.speech_temperature, greedy=options.greedy)
+        allowed = None if options.reference_sampling else (self.vocab.offset, self.vocab.offset + self.vocab.count)
+        speech_sampler = Sampler(speech_config, rng, allowed, () if allowed is None else (self.vocab.eos_id,))
+        stream = Token2WavStream(self.token2wav, options.stream, seed=options.seed)
+        result = InterleaveResult()
+        pieces: list[np.ndarray] = []
+        text_so_far = ""
+        stopped = "budget"
+        sample_rate = self.token2wav.spec.sample_rate
+
+        def emit_audio(pcm: np.ndarray) -> Iterator[AudioChunk]:
+            if pcm.size:
+                now = time.perf_counter() - t0
+                if latency.first_audio_s is None:
+                    latency.first_audio_s = now
+                pieces.append(pcm)
+                yield AudioChunk(now, pcm, sample_rate)
+
+        schedule = interleave(_TextDecoder(self.llm, prompt_embeds), _SpeechDecoder(self), cfg, text_sampler,
+                              speech_sampler, result)
+        try:
+            for event in schedule:
+                now = time.perf_counter() - t0
+                if event.kind == "text":
+                    if latency.first_text_s is None:
+                        latency.first_text_s = now
+                    if event.token in cfg.text_eos_ids:
+                        stopped = "eos"
+                    full = self.prompt.decode(result.text_ids)
+                    delta, text_so_far = full[len(text_so_far):], full
+                    yield TextDelta(now, event.token, delta)
+                else:
+                    yield SpeechToken(now, event.token)
+                    if event.token == self.vocab.eos_id:
+                        continue
+                    unit = self.vocab.to_units([event.token])
+                    yield from emit_audio(stream.push(unit))
+        except ContextFull:
+            stopped = "context"
+        yield from emit_audio(stream.finalize())
+        audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+        latency.total_s = time.perf_counter() - t0
+        latency.audio_s = audio.shape[0] / sample_rate
+        speech_ids = [i for i in result.speech_ids if i != self.vocab.eos_id]
+        yield TurnDone(latency.total_s, self.prompt.decode(result.text_ids), result.text_ids, speech_ids,
+                       self.vocab.to_units(speech_ids), audio, sample_rate, latency, stopped)
