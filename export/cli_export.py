@@ -8,7 +8,8 @@ from pathlib import Path
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="OpenS2S checkpoint folder")
-    p.add_argument("--decoder", type=Path, required=True, help="GLM-4-Voice decoder folder (config.yaml, flow.pt, hift.pt)")
+    p.add_argument("--decoder", type=Path, required=True,
+                   help="GLM-4-Voice decoder folder (config.yaml, flow.pt, hift.pt)")
     p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--max-context", type=int, default=2048, help="KV-cache length of the LLM and TTS LM graphs")

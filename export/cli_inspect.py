@@ -48,5 +48,6 @@ def main(args: argparse.Namespace) -> int:
         if g["limits"]:
             print(f"  {'':<19} {'':<8} limits: {', '.join(f'{k} {v}' for k, v in g['limits'].items())}")
     total = sum(f["size"] for f in m["files"].values())
-    print(f"\n  {len(m['files'])} files, {total / 1e6:.1f} MB, sha256 {'verified' if not args.no_verify else 'not checked'}")
+    checked = "not checked" if args.no_verify else "verified"
+    print(f"\n  {len(m['files'])} files, {total / 1e6:.1f} MB, sha256 {checked}")
     return 0

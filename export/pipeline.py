@@ -108,7 +108,8 @@ def export_bundle(checkpoint: Path, decoder: Path, out: Path, dtype: str = "fp32
         model.to(torch_dtype)
         token2wav.flow.to(torch_dtype)
         token2wav.hift.to(torch_dtype)
-    specs = opens2s_graphs(model, max_context, max_audio_seconds, torch_dtype) + token2wav_graphs(token2wav, torch_dtype)
+    specs = opens2s_graphs(model, max_context, max_audio_seconds, torch_dtype)
+    specs += token2wav_graphs(token2wav, torch_dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial.", dir=out.parent))
     try:
