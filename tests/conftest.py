@@ -34,3 +34,33 @@ def golden_decoder() -> Path:
 def golden_root() -> Path:
     _golden("opens2s_tiny")
     return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def tiny_default(tmp_path_factory) -> Path:
+    """The embedded default: `init --preset tiny` (checkpoint/ and decoder/)."""
+    from opens2s_edge.training.presets import write_preset
+    from opens2s_edge.training.token2wav.init import write_random_decoder
+
+    root = tmp_path_factory.mktemp("tiny_default")
+    write_preset("tiny", root / "checkpoint")
+    write_random_decoder(root / "decoder", "tiny")
+    return root
+
+
+@pytest.fixture(scope="session")
+def golden_bundle(golden_root: Path, tmp_path_factory) -> Path:
+    from opens2s_edge.export.pipeline import export_bundle
+
+    out = tmp_path_factory.mktemp("golden_bundle") / "bundle"
+    return export_bundle(golden_root / "opens2s_tiny", golden_root / "glm4voice_decoder_tiny", out,
+                         max_context=256, progress=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_default: Path, tmp_path_factory) -> Path:
+    from opens2s_edge.export.pipeline import export_bundle
+
+    out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"
+    return export_bundle(tiny_default / "checkpoint", tiny_default / "decoder", out, max_context=512,
+                         progress=lambda _: None)
