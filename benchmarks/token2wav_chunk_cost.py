@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from opens2s_edge.runtime.token2wav_stream import StreamConfig, Token2WavBackend, Token2WavStream, solve_flow
 from opens2s_edge.training.token2wav.decoder import load_decoder
 from opens2s_edge.training.token2wav.init import write_random_decoder

@@ -18,12 +18,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from opens2s_edge.cli import UserError
     from opens2s_edge.runtime.prompt import TokenizerError
     from opens2s_edge.training.checkpoint import CheckpointError
     from opens2s_edge.training.token2wav.config import DecoderConfigError
     from opens2s_edge.training.token2wav.decoder import DecoderFilesError
-
-    from opens2s_edge.cli import UserError
 
     from .checks import GraphCheckError
     from .pipeline import ExportError, export_bundle

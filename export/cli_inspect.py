@@ -16,9 +16,8 @@ def _shape(io: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from opens2s_edge.runtime.bundle import BundleError, load_bundle
-
     from opens2s_edge.cli import UserError
+    from opens2s_edge.runtime.bundle import BundleError, load_bundle
 
     try:
         bundle = load_bundle(args.bundle, verify=not args.no_verify)

@@ -11,10 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor, nn
+
 from opens2s_edge.training.opens2s import SPEAKER_DIM, OpenS2S
 from opens2s_edge.training.qwen3 import Qwen3LM
 from opens2s_edge.training.token2wav.decoder import Token2Wav
-from torch import Tensor, nn
 
 WINDOW_FRAMES = 3000
 

@@ -20,13 +20,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+
+import opens2s_edge
 from opens2s_edge.runtime import audio as frontend
 from opens2s_edge.runtime.bundle import FORMAT_VERSION, MANIFEST, sha256_file
 from opens2s_edge.runtime.prompt import AUDIO_PLACEHOLDER_ID, DEFAULT_SYSTEM_PROMPT, SpeechVocab
 from opens2s_edge.training.checkpoint import TOKENIZER_FILES, load_checkpoint, read_generation_defaults
 from opens2s_edge.training.token2wav.decoder import load_decoder
-
-import opens2s_edge
 
 from .checks import check_graph
 from .graphs import GraphSpec, opens2s_graphs, token2wav_graphs

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from opens2s_edge.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from opens2s_edge.training.generate import GenerationOptions, Generator
 from opens2s_edge.training.opens2s import OpenS2S, OpenS2SConfig
 from opens2s_edge.training.presets import write_preset
-from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[1]
 HELLO = REPO / "opens2s_edge" / "assets" / "hello.wav"

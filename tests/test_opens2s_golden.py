@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from opens2s_edge.runtime.audio import load_wav
 from opens2s_edge.training.generate import GenerationOptions, Generator
 

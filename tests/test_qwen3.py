@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from opens2s_edge.training.qwen3 import ContextFull, Qwen3Config, Qwen3LM
 from transformers import Qwen3Config as HFQwen3Config
 from transformers import Qwen3ForCausalLM
+
+from opens2s_edge.training.qwen3 import ContextFull, Qwen3Config, Qwen3LM
 
 CONFIGS = [
     dict(num_attention_heads=4, num_key_value_heads=4, head_dim=16, tie_word_embeddings=False),  # MHA

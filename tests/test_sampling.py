@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from opens2s_edge.runtime.sampling import Sampler, SamplingConfig
 
 

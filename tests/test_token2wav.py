@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from opens2s_edge.runtime.token2wav_stream import InvalidTokensError, Token2WavError
 from opens2s_edge.training.token2wav.config import (
     DecoderConfigError,

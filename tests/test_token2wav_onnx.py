@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from opens2s_edge.training.token2wav.decoder import load_decoder
 
 ort = pytest.importorskip("onnxruntime")

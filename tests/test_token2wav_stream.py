@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from opens2s_edge.runtime.token2wav_stream import StreamConfig, Token2WavError, Token2WavStream, time_grid
 from opens2s_edge.training.token2wav.decoder import load_decoder
 

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+
+from opens2s_edge.cli import main as cli_main
 from opens2s_edge.runtime.interleave import InterleaveResult, interleave
 from opens2s_edge.runtime.prompt import AUDIO_PLACEHOLDER_ID, PromptBuilder, SpeechVocab
 from opens2s_edge.training.checkpoint import load_checkpoint, read_generation_defaults
@@ -25,8 +27,6 @@ from opens2s_edge.training.generate import (
 )
 from opens2s_edge.training.presets import write_preset
 from opens2s_edge.training.stages import StageModel, interleave_layout, llm_inputs
-
-from opens2s_edge.cli import main as cli_main
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+
 from opens2s_edge.training.data_pipeline import (
     STEPS,
     Clients,

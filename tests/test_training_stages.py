@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from opens2s_edge.training.checkpoint import load_checkpoint, read_state_dict
 from opens2s_edge.training.presets import write_preset
 from opens2s_edge.training.stages import TRAINABLE, FrozenParameterError

@@ -122,7 +122,9 @@ class AudioEncoder(nn.Module):
         encoded = encoded.view(b, windows * encoded.shape[1], -1)
         # Valid frames per window, then summed: each window is pooled on its own.
         starts = torch.arange(windows, device=features.device) * WINDOW_FRAMES
-        in_window = (mel_lengths[:, None] - starts[None, :]).clamp(0, WINDOW_FRAMES)
+        # min/max rather than clamp: TensorRT's Clip takes floats only.
+        in_window = torch.minimum(torch.maximum(mel_lengths[:, None] - starts[None, :], torch.zeros_like(starts)),
+                                  torch.full_like(starts, WINDOW_FRAMES))
         return encoded, torch.where(in_window > 0, encoder_lengths(in_window), 0).sum(1)
 
 

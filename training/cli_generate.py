@@ -24,10 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from opens2s_edge.cli import UserError
     from opens2s_edge.runtime.audio import AudioInputError, load_wav
     from opens2s_edge.runtime.prompt import TokenizerError
-
-    from opens2s_edge.cli import UserError
 
     from .checkpoint import CheckpointError
     from .generate import GenerationOptions, Generator

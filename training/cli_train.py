@@ -57,9 +57,9 @@ def read_config(path: Path) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     import yaml
-    from opens2s_edge.runtime.prompt import TokenizerError
 
     from opens2s_edge.cli import UserError
+    from opens2s_edge.runtime.prompt import TokenizerError
 
     from .checkpoint import CheckpointError
     from .data import DataError

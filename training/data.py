@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+from tokenizers import Tokenizer
+
 from opens2s_edge.runtime.audio import audio_features, load_wav
 from opens2s_edge.runtime.prompt import (
     AUDIO_END_TOKEN,
@@ -48,7 +50,6 @@ from opens2s_edge.runtime.prompt import (
     SpeechVocab,
     render_chat_template,
 )
-from tokenizers import Tokenizer
 
 from .opens2s import SPEAKER_DIM
 

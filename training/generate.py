@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from opens2s_edge.runtime.audio import audio_features
 from opens2s_edge.runtime.interleave import InterleaveConfig, InterleaveResult, interleave
 from opens2s_edge.runtime.prompt import AUDIO_PLACEHOLDER_ID, PromptBuilder, SpeechVocab

@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 
 import torch
-from opens2s_edge.runtime.prompt import NUM_SPEECH_TOKENS, SPEECH_EOS_TOKEN, SPEECH_TOKEN_FORMAT
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from opens2s_edge.runtime.prompt import NUM_SPEECH_TOKENS, SPEECH_EOS_TOKEN, SPEECH_TOKEN_FORMAT
 
 from .checkpoint import save_checkpoint
 from .opens2s import OpenS2S, OpenS2SConfig

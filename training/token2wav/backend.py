@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from opens2s_edge.runtime.token2wav_stream import DecoderSpec
 
 from .cfm import estimator_callable

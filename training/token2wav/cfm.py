@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from opens2s_edge.runtime.token2wav_stream import solve_flow
 from torch import nn
+
+from opens2s_edge.runtime.token2wav_stream import solve_flow
 
 from .config import CFMConfig, EstimatorConfig
 from .estimator import ConditionalDecoder

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+
 from opens2s_edge.runtime.token2wav_stream import (
     StreamConfig,
     Token2WavError,
@@ -15,7 +17,6 @@ from opens2s_edge.runtime.token2wav_stream import (
     synthesize_mel,
     validate_tokens,
 )
-from torch import nn
 
 from .backend import TorchBackend, spec_from_config
 from .config import DecoderConfig, DecoderConfigError, load_config
