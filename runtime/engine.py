@@ -19,25 +19,15 @@ import numpy as np
 
 from .audio import audio_features
 from .bundle import Bundle
-from .interleave import InterleaveConfig, InterleaveResult, interleave
+from .decoding import DecodeOptions, GenerationDefaults, interleave_config, make_samplers
+from .interleave import InterleaveResult, interleave
 from .onnx_backend import CachedDecoder, ContextFull, make_session, resolve_providers
-from .prompt import AUDIO_PLACEHOLDER_ID, DEFAULT_SYSTEM_PROMPT, PromptBuilder, SpeechVocab
-from .sampling import Sampler, SamplingConfig
+from .prompt import AUDIO_PLACEHOLDER_ID, PromptBuilder, SpeechVocab
 from .token2wav_stream import DecoderSpec, StreamConfig, Token2WavStream
 
 
 @dataclass
-class TurnOptions:
-    greedy: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    speech_temperature: float = 1.0
-    reference_sampling: bool = False
-    max_text_tokens: int | None = None
-    max_speech_tokens: int | None = None
-    seed: int = 0
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+class TurnOptions(DecodeOptions):
     stream: StreamConfig = field(default_factory=StreamConfig)
 
 
@@ -179,7 +169,9 @@ class VoiceEngine:
         self.speaker_projection = make_session(bundle.graph_path("speaker_projection"), providers_, threads)
         self.speaker_start = self.project_speaker(np.zeros(m["tts"]["speaker_dim"], np.float32))
         self.token2wav = OrtToken2Wav(bundle, providers_, threads)
-        self.generation = m["generation"]
+        g = m["generation"]
+        self.defaults = GenerationDefaults(tuple(g["text_eos_ids"]), g["max_text_tokens"], g["speech_eos_id"],
+                                           g["max_speech_tokens"])
 
     # -- small graphs --------------------------------------------------------------------------------
     def project_hidden(self, hidden: np.ndarray) -> np.ndarray:
@@ -214,18 +206,8 @@ class VoiceEngine:
         cut = prompt_ids.index(AUDIO_PLACEHOLDER_ID)
         prompt_embeds = np.concatenate([self.llm.embed(prompt_ids[:cut]), audio_embeds.astype(self.llm.embed_dtype),
                                         self.llm.embed(prompt_ids[cut + 1:])])
-        g = self.generation
-        cfg = InterleaveConfig.from_strategy(
-            self.bundle.manifest["interleave_strategy"],
-            max_text_tokens=options.max_text_tokens if options.max_text_tokens is not None else g["max_text_tokens"],
-            max_speech_tokens=(options.max_speech_tokens if options.max_speech_tokens is not None
-                               else g["max_speech_tokens"]),
-            text_eos_ids=tuple(g["text_eos_ids"]), speech_eos_id=g["speech_eos_id"])
-        rng = np.random.default_rng(options.seed)
-        text_sampler = Sampler(SamplingConfig(options.temperature, options.top_k, options.top_p, options.greedy), rng)
-        speech_config = SamplingConfig(options.speech_temperature, greedy=options.greedy)
-        allowed = None if options.reference_sampling else (self.vocab.offset, self.vocab.offset + self.vocab.count)
-        speech_sampler = Sampler(speech_config, rng, allowed, () if allowed is None else (self.vocab.eos_id,))
+        cfg = interleave_config(self.bundle.manifest["interleave_strategy"], self.defaults, options)
+        text_sampler, speech_sampler = make_samplers(options, self.vocab)
         stream = Token2WavStream(self.token2wav, options.stream, seed=options.seed)
         result = InterleaveResult()
         pieces: list[np.ndarray] = []

@@ -16,12 +16,13 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from opens2s_edge.runtime.decoding import GenerationDefaults
 
 from .opens2s import OpenS2S, OpenS2SConfig
 
@@ -38,14 +39,6 @@ SINGLE_FILE = "model.safetensors"
 
 class CheckpointError(ValueError):
     """A checkpoint folder is incomplete or does not match the model it describes."""
-
-
-@dataclass
-class GenerationDefaults:
-    text_eos_ids: tuple[int, ...]
-    max_text_tokens: int
-    speech_eos_id: int
-    max_speech_tokens: int
 
 
 def _read_json(path: Path) -> dict:

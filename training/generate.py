@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 from opens2s_edge.runtime.audio import audio_features
-from opens2s_edge.runtime.interleave import InterleaveConfig, InterleaveResult, interleave
+from opens2s_edge.runtime.decoding import DecodeOptions, interleave_config, make_samplers
+from opens2s_edge.runtime.interleave import InterleaveResult, interleave
 from opens2s_edge.runtime.prompt import AUDIO_PLACEHOLDER_ID, PromptBuilder, SpeechVocab
-from opens2s_edge.runtime.sampling import Sampler, SamplingConfig
 
-from .checkpoint import GenerationDefaults, load_checkpoint, read_generation_defaults
+from .checkpoint import load_checkpoint, read_generation_defaults
 from .opens2s import SPEAKER_DIM, OpenS2S
 
 
@@ -80,20 +80,7 @@ class TorchSpeechDecoder:
         return self._run(self.lm.embed(ids))
 
 
-@dataclass
-class GenerationOptions:
-    greedy: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    speech_temperature: float = 1.0
-    speech_top_k: int = 0
-    speech_top_p: float = 1.0
-    reference_sampling: bool = False  # sample speech over the whole TTS vocabulary, as the reference does
-    max_text_tokens: int | None = None
-    max_speech_tokens: int | None = None
-    seed: int = 0
-    system_prompt: str = "You are a helpful assistant."
+GenerationOptions = DecodeOptions
 
 
 @dataclass
@@ -111,29 +98,6 @@ class GenerationResult:
     def to_json(self) -> dict:
         return {"text": self.text, "text_ids": self.text_ids, "speech_ids": self.speech_ids,
                 "speech_units": self.speech_units}
-
-
-def make_samplers(options: GenerationOptions, vocab: SpeechVocab) -> tuple[Sampler, Sampler]:
-    rng = np.random.default_rng(options.seed)
-    text = Sampler(SamplingConfig(options.temperature, options.top_k, options.top_p, options.greedy), rng)
-    speech_config = SamplingConfig(options.speech_temperature, options.speech_top_k, options.speech_top_p,
-                                   options.greedy)
-    if options.reference_sampling:
-        speech = Sampler(speech_config, rng)
-    else:
-        speech = Sampler(speech_config, rng, (vocab.offset, vocab.offset + vocab.count), (vocab.eos_id,))
-    return text, speech
-
-
-def interleave_config(strategy: str, defaults: GenerationDefaults, options: GenerationOptions) -> InterleaveConfig:
-    return InterleaveConfig.from_strategy(
-        strategy,
-        max_text_tokens=options.max_text_tokens if options.max_text_tokens is not None else defaults.max_text_tokens,
-        max_speech_tokens=(options.max_speech_tokens if options.max_speech_tokens is not None
-                           else defaults.max_speech_tokens),
-        text_eos_ids=defaults.text_eos_ids,
-        speech_eos_id=defaults.speech_eos_id,
-    )
 
 
 class Generator:
