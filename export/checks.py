@@ -22,7 +22,9 @@ _DATA_INPUTS = {"Gather": 1, "GatherElements": 1, "GatherND": 1, "ScatterElement
                 "Scatter": 1, "Expand": 1, "Reshape": 1, "Slice": 1, "Tile": 1, "Unsqueeze": 1, "Squeeze": 1,
                 "Where": 3, "ConstantOfShape": 0, "Shape": 0, "Range": 3, "Resize": 1, "Pad": 1, "Split": 1,
                 "TensorScatter": 2, "Einsum": 99, "CumSum": 1, "TopK": 1, "ReduceSum": 1, "ReduceMean": 1,
-                "ReduceMax": 1, "OneHot": 0}
+                "ReduceMax": 1, "OneHot": 0,
+                # Q, K, V carry the listed types; attn_mask is BOOL or Q's float type (ONNX and TensorRT alike).
+                "Attention": 3}
 # A copy of shared/reference/tensorrt_onnx_operators.tsv ships with the package (tests keep them equal).
 DEFAULT_TSV = Path(opens2s_edge.__file__).resolve().parent / "assets" / "tensorrt_onnx_operators.tsv"
 

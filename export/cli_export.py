@@ -14,6 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--max-context", type=int, default=2048, help="KV-cache length of the LLM and TTS LM graphs")
     p.add_argument("--max-audio-seconds", type=int, default=30, help="longest user utterance the audio graph takes")
+    p.add_argument("--form", choices=["classic", "modern"], default="classic",
+                   help="decoder graph ops: classic (ScatterElements + MatMul/Softmax; TensorRT 10.3, JetPack 6) or "
+                        "modern (opset 24 TensorScatter, Attention, RMSNormalization, RotaryEmbedding; TensorRT 10.15)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
 
 
@@ -32,7 +35,7 @@ def main(args: argparse.Namespace) -> int:
             raise UserError(f"{name} {path} is not a folder")
     try:
         export_bundle(args.checkpoint, args.decoder, args.out, args.dtype, args.max_context, args.max_audio_seconds,
-                      args.force, progress=lambda line: print(line, flush=True))
+                      args.force, progress=lambda line: print(line, flush=True), form=args.form)
     except (ExportError, CheckpointError, TokenizerError, DecoderFilesError, DecoderConfigError,
             GraphCheckError) as exc:
         raise UserError(str(exc)) from exc

@@ -7,6 +7,7 @@ export/README.md.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,6 +36,8 @@ class GraphSpec:
     aliases: dict[str, str] = field(default_factory=dict)
     # fp32 islands: module types that stay in float32 when the graph is exported in fp16/bf16.
     keep_fp32: tuple[type, ...] = ()
+    # How the module's primitives are traced (export/lm.py for the decoders); None = the exporter's defaults.
+    lowering: Callable[[], contextlib.AbstractContextManager] | None = None
 
 
 class GraphKVCache:
@@ -58,18 +61,23 @@ class DecoderStep(nn.Module):
     151k-vocabulary head off the prompt rows.
     """
 
-    def __init__(self, lm: Qwen3LM):
+    def __init__(self, lm: Qwen3LM, cache_type: type = GraphKVCache):
         super().__init__()
         self.lm = lm
+        self.cache_type = cache_type
 
     def forward(self, inputs_embeds: Tensor, start: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
-        caches = [GraphKVCache(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        caches = [self.cache_type(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
         logits, hidden = self.lm(inputs_embeds, start, caches=caches, last_only=True)
         presents = [t for c in caches for t in (c.k, c.v)]
         return (logits, hidden, *presents)
 
 
-def decoder_graph(name: str, lm: Qwen3LM, max_context: int, dtype: torch.dtype) -> GraphSpec:
+def decoder_graph(name: str, lm: Qwen3LM, max_context: int, dtype: torch.dtype, form: str = "classic") -> GraphSpec:
+    """A decoder step graph in `form` ("classic" or "modern", see export/lm.py)."""
+    from . import lm as lowerings
+
+    lowerings.check_form(form)
     c = lm.config
     cache_shape = (1, c.num_key_value_heads, max_context, c.head_dim)
     gen = torch.Generator().manual_seed(0)
@@ -92,7 +100,9 @@ def decoder_graph(name: str, lm: Qwen3LM, max_context: int, dtype: torch.dtype) 
         aliases[f"past_key_{i}"] = f"present_key_{i}"
         aliases[f"past_value_{i}"] = f"present_value_{i}"
     return GraphSpec(
-        name=name, module=DecoderStep(lm), inputs=inputs, outputs=outputs,
+        name=name, inputs=inputs, outputs=outputs, form=form,
+        module=DecoderStep(lm, lowerings.TensorScatterKVCache if form == "modern" else GraphKVCache),
+        lowering=lambda: lowerings.lowering(form, c.head_dim),
         dynamic={"inputs_embeds": {1: "tokens"}},
         probes=[example(1, 0), example(1, max_context - 1), example(min(17, max_context), 0)],
         limits={"max_context": max_context}, aliases=aliases,
@@ -126,7 +136,8 @@ class AudioGraph(nn.Module):
         return self.model.audio_embeddings(input_features, feature_length)
 
 
-def opens2s_graphs(model: OpenS2S, max_context: int, max_audio_seconds: int, dtype: torch.dtype) -> list[GraphSpec]:
+def opens2s_graphs(model: OpenS2S, max_context: int, max_audio_seconds: int, dtype: torch.dtype,
+                   form: str = "classic") -> list[GraphSpec]:
     d_llm = model.config.llm.hidden_size
     windows = -(-max_audio_seconds // 30)
     n_mels = model.config.audio.num_mel_bins
@@ -143,8 +154,8 @@ def opens2s_graphs(model: OpenS2S, max_context: int, max_audio_seconds: int, dty
                   dynamic={"input_features": {2: "frames"}, "audio_embeds": {1: "rows"}},
                   probes=audio_probes, limits={"max_windows": windows, "window_frames": WINDOW_FRAMES},
                   keep_fp32=(nn.LayerNorm,)),
-        decoder_graph("llm", model.llm_model, max_context, dtype),
-        decoder_graph("tts_lm", model.tts_lm_model, max_context, dtype),
+        decoder_graph("llm", model.llm_model, max_context, dtype, form),
+        decoder_graph("tts_lm", model.tts_lm_model, max_context, dtype, form),
         GraphSpec("tts_projection", TTSProjection(model), {"llm_hidden": torch.randn(1, 4, d_llm, generator=gen)
                                                            .to(dtype)}, ["tts_inputs"],
                   dynamic={"llm_hidden": {1: "rows"}, "tts_inputs": {1: "rows"}},

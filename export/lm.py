@@ -138,7 +138,9 @@ def _sdpa_symbolic(form: str, head_dim: int):
             attrs = {"scale_f": scale_value}
             if dtype in ("Half", "BFloat16"):
                 attrs["softmax_precision_i"] = onnx.TensorProto.FLOAT
-            return g.op(f"{_STAGING}::Attention", query, key, value, mask, **attrs)
+            out = g.op(f"{_STAGING}::Attention", query, key, value, mask, **attrs)
+            out.setType(query.type())
+            return out
         key_t = g.op("Transpose", key, perm_i=[0, 1, 3, 2])
         scores = g.op("MatMul", query, key_t)
         scores = g.op("Cast", scores, to_i=onnx.TensorProto.FLOAT)

@@ -7,6 +7,7 @@ in a temporary folder beside the target and renamed into place once the manifest
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,10 +29,10 @@ from opens2s_edge.runtime.prompt import AUDIO_PLACEHOLDER_ID, DEFAULT_SYSTEM_PRO
 from opens2s_edge.training.checkpoint import TOKENIZER_FILES, load_checkpoint, read_generation_defaults
 from opens2s_edge.training.token2wav.decoder import load_decoder
 
+from . import lm as lm_forms
 from .checks import check_graph
 from .graphs import GraphSpec, opens2s_graphs, token2wav_graphs
 
-OPSET = 17
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Largest allowed deviation from PyTorch fp32, relative to each output's scale.
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2, "bf16": 1e-1}
@@ -57,12 +58,19 @@ def _io_spec(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
     return describe(model.graph.input), describe(model.graph.output)
 
 
-def export_graph(spec: GraphSpec, path: Path) -> None:
-    with torch.no_grad(), warnings.catch_warnings():
+def export_graph(spec: GraphSpec, path: Path) -> int:
+    """Write `spec` as ONNX at `path` in its form; returns the graph's opset."""
+    lowering = spec.lowering() if spec.lowering is not None else contextlib.nullcontext()
+    with torch.no_grad(), warnings.catch_warnings(), lowering:
         warnings.simplefilter("ignore")
         torch.onnx.export(spec.module, tuple(spec.inputs.values()), str(path), input_names=list(spec.inputs),
-                          output_names=spec.outputs, dynamic_axes=spec.dynamic, opset_version=OPSET,
+                          output_names=spec.outputs, dynamic_axes=spec.dynamic,
+                          opset_version=lm_forms.export_opset(spec.form),
+                          custom_opsets=lm_forms.custom_opsets(spec.form),
                           dynamo=False, do_constant_folding=True)
+    if spec.form == "modern":
+        lm_forms.finish_modern(path)
+    return lm_forms.OPSETS[spec.form]
 
 
 def verify_graph(spec: GraphSpec, path: Path, tolerance: float) -> float:
@@ -90,7 +98,11 @@ def verify_graph(spec: GraphSpec, path: Path, tolerance: float) -> float:
 
 def export_bundle(checkpoint: Path, decoder: Path, out: Path, dtype: str = "fp32", max_context: int = 2048,
                   max_audio_seconds: int = 30, force: bool = False,
-                  progress: Callable[[str], None] = print) -> Path:
+                  progress: Callable[[str], None] = print, form: str = "classic") -> Path:
+    """`form` picks the decoder graphs' ops: "classic" (TensorRT 10.3 / JetPack 6) or "modern" (opset 24
+    TensorScatter + Attention + RMSNormalization + RotaryEmbedding: TensorRT 10.15); see export/lm.py."""
+    if form not in lm_forms.FORMS:
+        raise ExportError(f"--form must be one of {', '.join(lm_forms.FORMS)}, got {form!r}")
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if out.exists() and not force:
@@ -108,7 +120,7 @@ def export_bundle(checkpoint: Path, decoder: Path, out: Path, dtype: str = "fp32
         model.to(torch_dtype)
         token2wav.flow.to(torch_dtype)
         token2wav.hift.to(torch_dtype)
-    specs = opens2s_graphs(model, max_context, max_audio_seconds, torch_dtype)
+    specs = opens2s_graphs(model, max_context, max_audio_seconds, torch_dtype, form)
     specs += token2wav_graphs(token2wav, torch_dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial.", dir=out.parent))
@@ -118,13 +130,14 @@ def export_bundle(checkpoint: Path, decoder: Path, out: Path, dtype: str = "fp32
             t0 = time.perf_counter()
             progress(f"[export] {i}/{len(specs)} {spec.name}: exporting")
             path = tmp / f"{spec.name}.onnx"
-            export_graph(spec, path)
+            opset = export_graph(spec, path)
             check_graph(path)
             deviation = verify_graph(spec, path, TOLERANCE[dtype])
             model_proto = onnx.load(str(path), load_external_data=False)
             inputs, outputs = _io_spec(model_proto)
             graphs[spec.name] = {"file": path.name, "inputs": inputs, "outputs": outputs, "form": spec.form,
-                                 "limits": spec.limits, "aliases": spec.aliases, "max_deviation": deviation}
+                                 "opset": opset, "limits": spec.limits, "aliases": spec.aliases,
+                                 "max_deviation": deviation}
             progress(f"[export] {i}/{len(specs)} {spec.name}: checked, TensorRT-ready, max deviation "
                      f"{deviation:.1e} ({time.perf_counter() - t0:.1f} s)")
         arrays = {}
@@ -136,6 +149,7 @@ def export_bundle(checkpoint: Path, decoder: Path, out: Path, dtype: str = "fp32
         _copy_tokenizers(checkpoint, tmp)
         manifest = _manifest(model, token2wav, checkpoint, decoder, dtype, max_context, max_audio_seconds,
                              graphs, arrays)
+        manifest["form"] = form  # the decoders'; every graph also records its own form and opset
         manifest["files"] = {
             str(p.relative_to(tmp)): {"sha256": sha256_file(p), "size": p.stat().st_size}
             for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -176,7 +190,8 @@ def _manifest(model, token2wav, checkpoint: Path, decoder: Path, dtype: str, max
         "dtype": dtype,
         "source": {"checkpoint": str(checkpoint.resolve()), "decoder": str(decoder.resolve())},
         "versions": {"opens2s_edge": opens2s_edge.__version__, "torch": torch.__version__,
-                     "onnx": onnx.__version__, "onnxruntime": ort.__version__, "opset": OPSET},
+                     "onnx": onnx.__version__, "onnxruntime": ort.__version__,
+                     "opset": max(g["opset"] for g in graphs.values())},
         "interleave_strategy": c.interleave_strategy,
         "generation": {"text_eos_ids": list(defaults.text_eos_ids), "max_text_tokens": defaults.max_text_tokens,
                        "speech_eos_id": defaults.speech_eos_id, "max_speech_tokens": defaults.max_speech_tokens},
