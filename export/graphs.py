@@ -38,6 +38,8 @@ class GraphSpec:
     keep_fp32: tuple[type, ...] = ()
     # How the module's primitives are traced (export/lm.py for the decoders); None = the exporter's defaults.
     lowering: Callable[[], contextlib.AbstractContextManager] | None = None
+    # Output shapes the graph promises (ints static, strings symbolic), stamped over the tracer's guesses.
+    output_shapes: dict[str, list[int | str]] = field(default_factory=dict)
 
 
 class GraphKVCache:
@@ -95,14 +97,16 @@ def decoder_graph(name: str, lm: Qwen3LM, max_context: int, dtype: torch.dtype, 
     inputs = example(5, 3)
     outputs = ["logits", "hidden"]
     aliases = {}
+    shapes: dict[str, list[int | str]] = {"logits": [1, 1, c.vocab_size], "hidden": [1, 1, c.hidden_size]}
     for i in range(c.num_hidden_layers):
+        shapes[f"present_key_{i}"] = shapes[f"present_value_{i}"] = list(cache_shape)
         outputs += [f"present_key_{i}", f"present_value_{i}"]
         aliases[f"past_key_{i}"] = f"present_key_{i}"
         aliases[f"past_value_{i}"] = f"present_value_{i}"
     return GraphSpec(
         name=name, inputs=inputs, outputs=outputs, form=form,
         module=DecoderStep(lm, lowerings.TensorScatterKVCache if form == "modern" else GraphKVCache),
-        lowering=lambda: lowerings.lowering(form, c.head_dim),
+        lowering=lambda: lowerings.lowering(form, c.head_dim), output_shapes=shapes,
         dynamic={"inputs_embeds": {1: "tokens"}},
         probes=[example(1, 0), example(1, max_context - 1), example(min(17, max_context), 0)],
         limits={"max_context": max_context}, aliases=aliases,

@@ -70,7 +70,27 @@ def export_graph(spec: GraphSpec, path: Path) -> int:
                           dynamo=False, do_constant_folding=True)
     if spec.form == "modern":
         lm_forms.finish_modern(path)
+    if spec.output_shapes:
+        _stamp_output_shapes(path, spec.output_shapes)
     return lm_forms.OPSETS[spec.form]
+
+
+def _stamp_output_shapes(path: Path, shapes: dict[str, list[int | str]]) -> None:
+    """The tracer cannot see through `last_only` slicing or the modern ops' outputs and invents symbolic
+    dims; the manifest and TensorRT profiles need the real contract."""
+    model = onnx.load(str(path), load_external_data=False)
+    for out in model.graph.output:
+        if out.name not in shapes:
+            continue
+        dims = out.type.tensor_type.shape.dim
+        del dims[:]
+        for d in shapes[out.name]:
+            dim = dims.add()
+            if isinstance(d, str):
+                dim.dim_param = d
+            else:
+                dim.dim_value = d
+    onnx.save(model, str(path))
 
 
 def verify_graph(spec: GraphSpec, path: Path, tolerance: float) -> float:
