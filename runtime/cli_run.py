@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
 
     from .audio import AudioInputError, load_wav
     from .bundle import BundleError, load_bundle
-    from .engine import AudioChunk, TextDelta, TurnDone, TurnOptions, VoiceEngine
+    from .engine import AudioChunk, AudioTooLong, TextDelta, TurnDone, TurnOptions, VoiceEngine
     from .onnx_backend import BackendError
 
     try:
@@ -62,8 +62,12 @@ def main(args: argparse.Namespace) -> int:
                               max_speech_tokens=args.max_speech_tokens, seed=args.seed)
     except (AudioInputError, BundleError, BackendError, ValueError) as exc:
         raise UserError(str(exc)) from exc
+    try:
+        events = engine.turn(wav, options)
+    except AudioTooLong as exc:
+        raise UserError(f"{args.audio}: {exc}") from exc
     done = None
-    for event in engine.turn(wav, options):
+    for event in events:
         if isinstance(event, TextDelta) and not args.json:
             print(event.text, end="", flush=True)
         elif isinstance(event, AudioChunk):

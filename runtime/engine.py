@@ -148,7 +148,7 @@ class OrtToken2Wav:
 
 
 class AudioTooLong(ValueError):
-    """The utterance is longer than the audio graph's profile."""
+    """The utterance is empty or longer than the audio graph's profile."""
 
 
 class VoiceEngine:
@@ -186,18 +186,28 @@ class VoiceEngine:
     def encode_audio(self, wav: np.ndarray) -> np.ndarray:
         """16 kHz mono samples -> the valid adapter embeddings (T, D_llm)."""
         features, length = audio_features(wav)
-        windows = features.shape[2] // self.bundle.manifest["audio"]["window_frames"]
-        limit = self.bundle.graph("audio_encoder")["limits"]["max_windows"]
-        if windows > limit:
-            raise AudioTooLong(f"the utterance is {wav.size / 16000:.1f} s; this bundle's audio graph takes at most "
-                               f"{limit * 30} s (export with a larger --max-audio-seconds)")
         embeds, valid = self.audio.run(None, {"input_features": features.astype(self.llm.embed_dtype),
                                               "feature_length": np.array([length], np.int64)})
         return embeds[0, : int(valid[0])]
 
     # -- one turn ------------------------------------------------------------------------------------
+    def check_audio(self, wav: np.ndarray) -> None:
+        """Refuse an utterance the audio graph was not exported for, before any work starts."""
+        audio = self.bundle.manifest["audio"]
+        limit_s = self.bundle.graph("audio_encoder")["limits"]["max_windows"] * audio["window_seconds"]
+        seconds = wav.size / audio["sample_rate"]
+        if wav.size == 0:
+            raise AudioTooLong("the utterance has no samples")
+        if seconds > limit_s:
+            raise AudioTooLong(f"the utterance is {seconds:.1f} s; this bundle's audio graph takes at most "
+                               f"{limit_s} s (export with a larger --max-audio-seconds)")
+
     def turn(self, wav: np.ndarray, options: TurnOptions | None = None) -> Iterator[Event]:
-        options = options or TurnOptions()
+        """Check the input now, then return the turn's event stream (work happens as it is consumed)."""
+        self.check_audio(wav)
+        return self._turn(wav, options or TurnOptions())
+
+    def _turn(self, wav: np.ndarray, options: TurnOptions) -> Iterator[Event]:
         t0 = time.perf_counter()
         latency = Latency()
         audio_embeds = self.encode_audio(wav)
