@@ -81,7 +81,7 @@ def main(args: argparse.Namespace) -> int:
         json.dump(done.to_json(), sys.stdout)
         sys.stdout.write("\n")
     else:
-        print()
+        print(flush=True)
         rtf = f"{lat.rtf:.3f}" if lat.rtf is not None else "n/a"
         first_text = f"{lat.first_text_s * 1000:.0f} ms" if lat.first_text_s is not None else "n/a"
         first_audio = f"{lat.first_audio_s * 1000:.0f} ms" if lat.first_audio_s is not None else "n/a"

@@ -244,7 +244,9 @@ class VoiceEngine:
                     if event.token in cfg.text_eos_ids:
                         stopped = "eos"
                     full = self.prompt.decode(result.text_ids)
-                    delta, text_so_far = full[len(text_so_far):], full
+                    # A token may end inside a UTF-8 character: hold the text back until it completes.
+                    delta = "" if full.endswith("\ufffd") else full[len(text_so_far):]
+                    text_so_far += delta
                     yield TextDelta(now, event.token, delta)
                 else:
                     yield SpeechToken(now, event.token)
