@@ -71,19 +71,23 @@ def resample(wav: np.ndarray, rate_in: int, rate_out: int, taps_per_side: int = 
     up, down = rate_out // g, rate_in // g
     cutoff = min(1.0, rate_out / rate_in)  # relative to the input Nyquist
     n_out = int(np.ceil(len(wav) * rate_out / rate_in))
-    # Output sample j sits at input time j * down / up; each output phase reuses one filter.
     half = int(np.ceil(taps_per_side / cutoff))
-    phases = np.arange(up)
     offsets = np.arange(-half + 1, half + 1)
-    frac = (phases[:, None] * down % up) / up  # fractional input position per phase
-    t = offsets[None, :] - frac[:, None]
-    window = np.kaiser(2 * half + 1, 8.6)[half + offsets]
-    kernels = cutoff * np.sinc(cutoff * t) * window[None, :]
+    # Output j sits at input position (j*down)/up = base + r/up; the r-th filter serves every such j.
+    r = np.arange(up)
+    t = offsets[None, :] - r[:, None] / up
+    beta = 8.6
+    window = np.i0(beta * np.sqrt(np.clip(1.0 - (t / half) ** 2, 0.0, 1.0))) / np.i0(beta)
+    kernels = cutoff * np.sinc(cutoff * t) * window
     padded = np.pad(wav.astype(np.float64), (half, half + 1))
     j = np.arange(n_out)
-    base = (j * down) // up  # integer input index per output sample
-    idx = base[:, None] + offsets[None, :] + half
-    out = np.einsum("ij,ij->i", padded[idx], kernels[j % up])
+    base, phase = np.divmod(j * down, up)
+    out = np.empty(n_out)
+    step = 1 << 16  # bounded memory for long inputs
+    for lo in range(0, n_out, step):
+        sl = slice(lo, lo + step)
+        idx = base[sl, None] + offsets[None, :] + half
+        out[sl] = np.einsum("ij,ij->i", padded[idx], kernels[phase[sl]])
     return out.astype(np.float32)
 
 
