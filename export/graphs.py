@@ -8,17 +8,22 @@ export/README.md.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from onnx import TensorProto
 from torch import Tensor, nn
+from torch.onnx._internal.torchscript_exporter import symbolic_helper
 
 from opens2s_edge.training.opens2s import SPEAKER_DIM, OpenS2S
 from opens2s_edge.training.qwen3 import Qwen3LM
 from opens2s_edge.training.token2wav.decoder import Token2Wav
 
 WINDOW_FRAMES = 3000
+# The opset graphs without a form-specific lowering are traced at (TensorRT 10.3 parses it).
+CLASSIC_OPSET = 17
 
 
 @dataclass
@@ -109,7 +114,7 @@ def decoder_graph(name: str, lm: Qwen3LM, max_context: int, dtype: torch.dtype, 
         lowering=lambda: lowerings.lowering(form, c.head_dim), output_shapes=shapes,
         dynamic={"inputs_embeds": {1: "tokens"}},
         probes=[example(1, 0), example(1, max_context - 1), example(min(17, max_context), 0)],
-        limits={"max_context": max_context}, aliases=aliases,
+        limits={"max_context": max_context}, aliases=aliases, keep_fp32=(nn.LayerNorm,),
     )
 
 
@@ -206,3 +211,101 @@ def token2wav_graphs(decoder: Token2Wav, dtype: torch.dtype) -> list[GraphSpec]:
 
 
 GraphFactory = Callable[..., list[GraphSpec]]
+
+
+# -- reduced precision ---------------------------------------------------------------------------------
+def _fp32_island_forward(self: nn.Module, x: Tensor) -> Tensor:
+    # Statistics (mean/variance over a row or a group) of fp16 activations overflow or lose the signal:
+    # the cause of CosyVoice's NaN/silent fp16 flow. The island computes in fp32 and hands back dtype.
+    return type(self).forward(self, x.float()).to(x.dtype)
+
+
+def fp32_islands(module: nn.Module, keep_fp32: tuple[type, ...]) -> list[nn.Module]:
+    """Make every instance of `keep_fp32` in `module` an fp32 island (input cast up, result cast back);
+    returns them (`del m.forward` undoes it). Their parameters must be fp32."""
+    islands = [m for m in module.modules() if keep_fp32 and isinstance(m, keep_fp32)]
+    for m in islands:
+        m.forward = types.MethodType(_fp32_island_forward, m)
+    return islands
+
+
+def to_export_dtype(module: nn.Module, dtype: torch.dtype, keep_fp32: tuple[type, ...]) -> None:
+    """Cast `module` in place to `dtype`, keeping instances of `keep_fp32` (normalizations) in fp32
+    islands: their parameters stay fp32 and their input is cast up and the result back down."""
+    module.to(dtype)
+    if dtype == torch.float32:
+        return
+    for m in module.modules():
+        if keep_fp32 and isinstance(m, keep_fp32):
+            m.float()
+    fp32_islands(module, keep_fp32)
+
+
+_SCALAR_TYPE = {"Float": TensorProto.FLOAT, "Half": TensorProto.FLOAT16, "BFloat16": TensorProto.BFLOAT16}
+
+
+def _scalar_type(value) -> int:
+    return _SCALAR_TYPE[value.type().scalarType()]
+
+
+def _softmax_fp32(g, x, dim, dtype=None):
+    # Softmax of fp16/bf16 scores: exp/sum in fp32, so a long row neither overflows nor underflows.
+    axis = symbolic_helper._maybe_get_const(dim, "i")
+    original = _scalar_type(x)
+    y = g.op("Softmax", g.op("Cast", x, to_i=TensorProto.FLOAT), axis_i=axis)
+    return g.op("Cast", y, to_i=original)
+
+
+def _sdpa_options(g, query, attn_mask, is_causal, scale, enable_gqa) -> float | None:
+    if is_causal or enable_gqa:
+        raise ValueError("export supports scaled_dot_product_attention with an explicit mask only")
+    if symbolic_helper._is_none(scale):
+        return None
+    return float(symbolic_helper._maybe_get_const(scale, "f"))
+
+
+@symbolic_helper.parse_args("v", "v", "v", "v", "f", "b", "v", "b")
+def _sdpa_classic_fp32_softmax(g, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                               enable_gqa=False):
+    """MatMul + Softmax attention (the classic form) with the scores in fp32 from the mask on."""
+    scale_value = _sdpa_options(g, query, attn_mask, is_causal, scale, enable_gqa)
+    original = _scalar_type(query)
+    rank = symbolic_helper._get_tensor_rank(key)
+    perm = list(range(rank))
+    perm[-1], perm[-2] = perm[-2], perm[-1]
+    scores = g.op("Cast", g.op("MatMul", query, g.op("Transpose", key, perm_i=perm)), to_i=TensorProto.FLOAT)
+    if scale_value is not None:
+        factor = g.op("Constant", value_t=torch.tensor(scale_value, dtype=torch.float32))
+    else:
+        # 1/sqrt(head_dim) read off the query's shape: the tracer loses static sizes through reshapes.
+        head_dim = g.op("Gather", g.op("Shape", query), g.op("Constant", value_t=torch.tensor(-1)), axis_i=0)
+        factor = g.op("Reciprocal", g.op("Sqrt", g.op("Cast", head_dim, to_i=TensorProto.FLOAT)))
+    scores = g.op("Mul", scores, factor)
+    if not symbolic_helper._is_none(attn_mask):
+        if attn_mask.type().scalarType() == "Bool":
+            scores = g.op("Where", attn_mask, scores, g.op("Constant", value_t=torch.tensor(-float("inf"))))
+        else:
+            scores = g.op("Add", scores, g.op("Cast", attn_mask, to_i=TensorProto.FLOAT))
+    weights = g.op("Cast", g.op("Softmax", scores, axis_i=-1), to_i=original)
+    return g.op("MatMul", weights, value)
+
+
+@contextlib.contextmanager
+def precision_ops(spec: GraphSpec, dtype: torch.dtype) -> Iterator[None]:
+    """Symbolic overrides in force while a graph without its own lowering is exported at fp16/bf16: softmax
+    and SDPA scores in fp32 (the decoder lowerings in export/lm.py already do so for their attention)."""
+    if dtype == torch.float32:
+        yield
+        return
+    registered = ["aten::softmax"]
+    torch.onnx.register_custom_op_symbolic("aten::softmax", symbolic_helper.parse_args("v", "i", "none")(_softmax_fp32),
+                                           CLASSIC_OPSET)
+    if spec.lowering is None:
+        torch.onnx.register_custom_op_symbolic("aten::scaled_dot_product_attention", _sdpa_classic_fp32_softmax,
+                                               CLASSIC_OPSET)
+        registered.append("aten::scaled_dot_product_attention")
+    try:
+        yield
+    finally:
+        for name in registered:
+            torch.onnx.unregister_custom_op_symbolic(name, CLASSIC_OPSET)
