@@ -5,25 +5,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
+
+from .decoding import add_decode_arguments, decode_options_from_args
+from .files import atomic_file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path, help="bundle folder written by `opens2s-edge export`")
     p.add_argument("--audio", type=Path, required=True, help="user utterance (16 kHz mono preferred)")
     p.add_argument("--out", type=Path, required=True, help="reply audio (wav, 22.05 kHz)")
-    p.add_argument("--greedy", action="store_true")
-    p.add_argument("--reference-sampling", action="store_true",
-                   help="sample speech over the whole TTS vocabulary, as the reference does")
-    p.add_argument("--max-text-tokens", type=int, default=None)
-    p.add_argument("--max-speech-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    add_decode_arguments(p)
     p.add_argument("--provider", action="append", default=None, choices=["cpu", "cuda", "tensorrt"],
                    help="onnxruntime execution provider (repeatable, in priority order; default cpu)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = onnxruntime default)")
@@ -35,15 +28,8 @@ def write_wav_atomic(path: Path, audio, sample_rate: int) -> None:
     """Write to a temporary file beside `path`, then rename: no half-written reply is ever left."""
     import soundfile as sf
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".wav", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         sf.write(tmp, audio, sample_rate, subtype="PCM_16")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(args: argparse.Namespace) -> int:
@@ -57,9 +43,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         wav = load_wav(args.audio)
         engine = VoiceEngine(load_bundle(args.bundle), tuple(args.provider or ["cpu"]), args.threads)
-        options = TurnOptions(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              reference_sampling=args.reference_sampling, max_text_tokens=args.max_text_tokens,
-                              max_speech_tokens=args.max_speech_tokens, seed=args.seed)
+        options = decode_options_from_args(args, TurnOptions)
     except (AudioInputError, BundleError, BackendError, ValueError) as exc:
         raise UserError(str(exc)) from exc
     try:

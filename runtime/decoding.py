@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,3 +58,23 @@ def interleave_config(strategy: str, defaults: GenerationDefaults, options: Deco
         text_eos_ids=tuple(defaults.text_eos_ids),
         speech_eos_id=defaults.speech_eos_id,
     )
+
+
+def add_decode_arguments(p: argparse.ArgumentParser) -> None:
+    """The sampling and budget options every command that decodes takes."""
+    p.add_argument("--greedy", action="store_true", help="greedy decoding for text and speech")
+    p.add_argument("--reference-sampling", action="store_true",
+                   help="sample speech over the whole TTS vocabulary, as the reference does")
+    p.add_argument("--max-text-tokens", type=int, default=None, help="text budget (default: the checkpoint's)")
+    p.add_argument("--max-speech-tokens", type=int, default=None, help="speech budget (default: the checkpoint's)")
+    p.add_argument("--temperature", type=float, default=1.0, help="text sampling temperature")
+    p.add_argument("--top-k", type=int, default=0, help="text top-k (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="text nucleus mass (1: off)")
+    p.add_argument("--speech-temperature", type=float, default=1.0, help="speech sampling temperature")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def decode_options_from_args(args: argparse.Namespace, cls: type[DecodeOptions] = DecodeOptions) -> DecodeOptions:
+    return cls(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+               speech_temperature=args.speech_temperature, reference_sampling=args.reference_sampling,
+               max_text_tokens=args.max_text_tokens, max_speech_tokens=args.max_speech_tokens, seed=args.seed)

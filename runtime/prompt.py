@@ -13,6 +13,8 @@ import jinja2.ext
 import jinja2.sandbox
 from tokenizers import Tokenizer
 
+from .files import read_json
+
 AUDIO_PLACEHOLDER_ID = -200
 AUDIO_TOKEN = "<|im_audio|>"
 AUDIO_START_TOKEN = "<|im_audio_start|>"
@@ -30,12 +32,7 @@ class TokenizerError(ValueError):
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise TokenizerError(f"missing tokenizer file {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise TokenizerError(f"{path} is not valid JSON: {exc}") from exc
+    return read_json(path, TokenizerError, "tokenizer file")
 
 
 def _load_tokenizer(folder: Path) -> Tokenizer:

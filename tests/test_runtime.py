@@ -154,4 +154,4 @@ def test_bad_inputs_get_named_errors_and_no_partial_output(tiny_bundle: Path, tm
         assert run.returncode == 2, (message, run.stderr)
         assert message in run.stderr and "Traceback" not in run.stderr, run.stderr
         assert not out.exists()
-        assert not list(tmp_path.glob(".reply.wav*"))
+        assert not list(tmp_path.glob(".reply*"))

@@ -13,9 +13,6 @@ temporary folder that is renamed into place only when complete.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from opens2s_edge.runtime.decoding import GenerationDefaults
+from opens2s_edge.runtime.files import atomic_dir, read_json
 
 from .opens2s import OpenS2S, OpenS2SConfig
 
@@ -42,12 +40,7 @@ class CheckpointError(ValueError):
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"missing checkpoint file {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    return read_json(path, CheckpointError, "checkpoint file")
 
 
 def read_config(folder: Path) -> OpenS2SConfig:
@@ -158,9 +151,7 @@ def save_checkpoint(model: OpenS2S, out_dir: str | Path, assets_from: str | Path
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise CheckpointError(f"{out_dir} already exists (pass overwrite/--force to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(model.config.raw, indent=2, sort_keys=True) + "\n")
         _write_weights(model, tmp, max_shard_bytes)
         files = dict(assets or {})
@@ -177,12 +168,6 @@ def save_checkpoint(model: OpenS2S, out_dir: str | Path, assets_from: str | Path
         for rel, data in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_bytes(data)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import torch
 from tokenizers import Tokenizer
 
 from opens2s_edge.runtime.audio import audio_features, load_wav
+from opens2s_edge.runtime.files import write_jsonl_atomic  # noqa: F401 (re-exported for callers)
 from opens2s_edge.runtime.prompt import (
     AUDIO_END_TOKEN,
     AUDIO_PLACEHOLDER_ID,
@@ -400,12 +400,3 @@ def units_to_text(units: Sequence[int]) -> str:
     return "".join(SPEECH_TOKEN_FORMAT.format(u) for u in units)
 
 
-def write_jsonl_atomic(path: str | Path, rows: Sequence[dict]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path

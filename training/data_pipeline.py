@@ -34,7 +34,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +42,8 @@ from typing import Protocol
 
 import numpy as np
 import soundfile as sf
+
+from opens2s_edge.runtime.files import atomic_file, write_jsonl_atomic
 
 STEPS = ("seed", "instructions", "instruction_speech", "responses", "response_speech", "units")
 EMOTIONS = ("neutral", "happy", "sad", "angry", "fearful", "surprised", "disgusted")
@@ -120,10 +122,8 @@ class OpenAIChatClient:
 
 
 def _write_wav_atomic(path: Path, wav: np.ndarray, sample_rate: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.wav")
-    sf.write(str(tmp), wav, sample_rate, subtype="PCM_16")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        sf.write(str(tmp), wav, sample_rate, subtype="PCM_16")
 
 
 class HTTPTTSClient:
@@ -200,9 +200,8 @@ class EspeakTTS:
                 if proc.returncode != 0:
                     raise ItemError(f"sox failed: {proc.stderr.strip()[:200]}")
                 raw = conv
-            tmp_out = out_path.with_name(f".{out_path.stem}.tmp{os.getpid()}.wav")
-            shutil.copyfile(raw, tmp_out)
-            os.replace(tmp_out, out_path)
+            with atomic_file(out_path) as tmp_out:
+                shutil.copyfile(raw, tmp_out)
 
 
 def _mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
@@ -361,17 +360,8 @@ def run_seed(cfg: PipelineConfig) -> list[StepReport]:
         shards[_shard_of(item_id, cfg.num_shards)].append({**row, "id": item_id, "audio": str(audio)})
     out_dir.mkdir(parents=True, exist_ok=True)
     for s, rows in enumerate(shards):
-        _write_rows_atomic(paths[s], rows)
+        write_jsonl_atomic(paths[s], rows)
     return [StepReport("seed", s, "done", len(rows)) for s, rows in enumerate(shards)]
-
-
-def _write_rows_atomic(path: Path, rows: Iterable[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def run_item_step(cfg: PipelineConfig, step: str, shard: int, fn: Callable[[dict], dict]) -> StepReport:
@@ -403,7 +393,7 @@ def run_item_step(cfg: PipelineConfig, step: str, shard: int, fn: Callable[[dict
             f.write(json.dumps(result, ensure_ascii=False) + "\n")
             f.flush()
     if failures:
-        _write_rows_atomic(failed_path, failures)
+        write_jsonl_atomic(failed_path, failures)
     os.replace(partial, out)
     return StepReport(step, shard, "done", len(todo) - len(failures), len(done), len(failures))
 
@@ -538,5 +528,5 @@ def collect_dataset(cfg: PipelineConfig, out: Path | None = None) -> Path:
         raise PipelineError(f"units shards not finished: {', '.join(missing)}")
     out = Path(out) if out is not None else cfg.work_dir / "dataset.jsonl"
     rows = [row for p in paths for row in read_jsonl(p)]
-    _write_rows_atomic(out, rows)
+    write_jsonl_atomic(out, rows)
     return out

@@ -21,7 +21,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -32,6 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint as checkpoint_fn
+
+from opens2s_edge.runtime.files import atomic_dir, write_text_atomic
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import Batch, Collator, JsonlDataset
@@ -222,9 +223,7 @@ def latest_state(output_dir: str | Path) -> Path | None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 # -- the loop -----------------------------------------------------------------------------------------------
@@ -445,19 +444,15 @@ class Trainer:
         root = self.out / "state"
         if self.dist.main:
             root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-            torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
-                        "rng": rng, "meta": meta}, tmp / "state.pt")
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-            final = root / name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            with atomic_dir(root / name) as tmp:
+                torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
+                            "rng": rng, "meta": meta}, tmp / "state.pt")
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
             _write_atomic(root / "latest", name + "\n")
             kept = sorted(p for p in root.glob("step-*") if p.is_dir())
             for old in kept[: max(0, len(kept) - self.cfg.keep_states)]:
                 shutil.rmtree(old, ignore_errors=True)
-            self.log(f"saved state {final}")
+            self.log(f"saved state {root / name}")
         if dist.is_initialized():
             dist.barrier()
         return root / name

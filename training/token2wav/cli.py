@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import tempfile
 import time
 import wave
 from pathlib import Path
@@ -13,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from opens2s_edge.cli import UserError
+from opens2s_edge.runtime.files import atomic_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,18 +61,11 @@ def parse_tokens(spec: str) -> np.ndarray:
 def write_wav(path: Path, wav: np.ndarray, sample_rate: int) -> None:
     """16-bit PCM mono, written to a temp file beside the target and renamed (never a half-written file)."""
     pcm = (np.clip(wav, -1.0, 1.0) * 32767.0).round().astype("<i2")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh, wave.open(fh, "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(sample_rate)
-            w.writeframes(pcm.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, wave.open(str(tmp), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(pcm.tobytes())
 
 
 def main(args: argparse.Namespace) -> int:

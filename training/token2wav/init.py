@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from opens2s_edge.runtime.files import atomic_file, write_text_atomic
 
 from .config import dump_config, preset_config
 from .decoder import build_modules, unfold_weight_norm
@@ -15,14 +15,8 @@ PRESETS = ("tiny", "small", "full")
 
 
 def _save_atomic(obj: object, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_random_decoder(out_dir: Path, preset: str, seed: int = 0) -> None:
@@ -47,6 +41,4 @@ def write_random_decoder(out_dir: Path, preset: str, seed: int = 0) -> None:
     )
     _save_atomic(flow_state, out_dir / "flow.pt")
     _save_atomic(hift_state, out_dir / "hift.pt")
-    tmp = out_dir / ".config.yaml.tmp"
-    tmp.write_text(dump_config(cfg), encoding="utf-8")
-    os.replace(tmp, out_dir / "config.yaml")
+    write_text_atomic(out_dir / "config.yaml", dump_config(cfg))
