@@ -33,7 +33,8 @@ def _export(lm, form: str, folder: Path, dtype: torch.dtype = torch.float32) -> 
     lm._ensure_rope(MAX_CONTEXT)
     spec = decoder_graph("decoder", lm, MAX_CONTEXT, dtype, form)
     path = folder / f"decoder_{form}_{str(dtype).split('.')[-1]}.onnx"
-    export_graph(spec, path)
+    state = spec.module.state_dict()
+    export_graph(spec, path, dtype, state.__getitem__)
     return path
 
 
