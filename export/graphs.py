@@ -20,6 +20,7 @@ from torch.onnx._internal.torchscript_exporter import symbolic_helper
 from opens2s_edge.training.opens2s import SPEAKER_DIM, OpenS2S
 from opens2s_edge.training.qwen3 import Qwen3LM
 from opens2s_edge.training.token2wav.decoder import Token2Wav
+from opens2s_edge.training.token2wav.estimator import TimestepEmbedding
 
 WINDOW_FRAMES = 3000
 # The opset graphs without a form-specific lowering are traced at (TensorRT 10.3 parses it).
@@ -41,6 +42,9 @@ class GraphSpec:
     aliases: dict[str, str] = field(default_factory=dict)
     # fp32 islands: module types that stay in float32 when the graph is exported in fp16/bf16.
     keep_fp32: tuple[type, ...] = ()
+    # fp32 entries: module types fed fp32 features by the model (timestep sinusoids) that compute in fp32
+    # and hand the graph's dtype on.
+    fp32_entry: tuple[type, ...] = ()
     # How the module's primitives are traced (export/lm.py for the decoders); None = the exporter's defaults.
     lowering: Callable[[], contextlib.AbstractContextManager] | None = None
     # Output shapes the graph promises (ints static, strings symbolic), stamped over the tracer's guesses.
@@ -202,7 +206,8 @@ def token2wav_graphs(decoder: Token2Wav, dtype: torch.dtype) -> list[GraphSpec]:
                   keep_fp32=(nn.LayerNorm,)),
         GraphSpec("estimator", decoder.estimator, est_in(37), ["velocity"],
                   dynamic={k: {2: "frames"} for k in ("x", "mask", "mu", "cond", "velocity")},
-                  probes=[est_in(16), est_in(90)], keep_fp32=(nn.LayerNorm, nn.GroupNorm)),
+                  probes=[est_in(16), est_in(90)], keep_fp32=(nn.LayerNorm, nn.GroupNorm),
+                  fp32_entry=(TimestepEmbedding,)),
         GraphSpec("hift", decoder.hift, hift_in(20), ["wav", "source", "frame_phase"],
                   dynamic={"mel": {2: "frames"}, "noise": {2: "samples"}, "wav": {1: "samples"},
                            "source": {2: "samples"}, "frame_phase": {2: "frames"}},
@@ -229,16 +234,22 @@ def fp32_islands(module: nn.Module, keep_fp32: tuple[type, ...]) -> list[nn.Modu
     return islands
 
 
-def to_export_dtype(module: nn.Module, dtype: torch.dtype, keep_fp32: tuple[type, ...]) -> None:
+def to_export_dtype(module: nn.Module, dtype: torch.dtype, keep_fp32: tuple[type, ...],
+                    fp32_entry: tuple[type, ...] = ()) -> None:
     """Cast `module` in place to `dtype`, keeping instances of `keep_fp32` (normalizations) in fp32
-    islands: their parameters stay fp32 and their input is cast up and the result back down."""
+    islands: their parameters stay fp32 and their input is cast up and the result back down. Instances of
+    `fp32_entry` also stay fp32 and hand their result on in `dtype`."""
     module.to(dtype)
     if dtype == torch.float32:
         return
     for m in module.modules():
-        if keep_fp32 and isinstance(m, keep_fp32):
+        if isinstance(m, keep_fp32 + fp32_entry):
             m.float()
     fp32_islands(module, keep_fp32)
+    for m in module.modules():
+        if fp32_entry and isinstance(m, fp32_entry):
+            m.forward = types.MethodType(
+                lambda self, x, dtype=dtype: type(self).forward(self, x.float()).to(dtype), m)
 
 
 _SCALAR_TYPE = {"Float": TensorProto.FLOAT, "Half": TensorProto.FLOAT16, "BFloat16": TensorProto.BFLOAT16}

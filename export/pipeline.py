@@ -8,6 +8,8 @@ in a temporary folder beside the target and renamed into place once the manifest
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import io
 import json
 import os
@@ -493,7 +495,10 @@ def export_bundle(checkpoint: Path, decoder: Path, out: Path, dtype: str = "fp32
                         del m.forward
             else:
                 refs = reference_outputs(spec)
-                to_export_dtype(spec.module, torch_dtype, spec.keep_fp32)
+                # A copy is cast: the token2wav modules nest (the flow holds the estimator), and each
+                # graph's fp32 reference must see fp32 weights. They are small enough to copy.
+                spec = dataclasses.replace(spec, module=copy.deepcopy(spec.module))
+                to_export_dtype(spec.module, torch_dtype, spec.keep_fp32, spec.fp32_entry)
                 state = spec.module.state_dict()
                 if before_export is not None:
                     before_export(spec, model)
