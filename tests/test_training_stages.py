@@ -130,10 +130,30 @@ def test_stage3_lora_checkpoint_is_plain_opens2s_and_generates(setup: dict[str, 
         got, _ = merged.llm_model(x)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
-    wav = load_wav(setup["root"] / "syn" / "wavs" / "user_0000.wav")
-    result = Generator(out)(wav, GenerationOptions(greedy=True, max_text_tokens=12, max_speech_tokens=24))
+    wav_path = setup["root"] / "syn" / "wavs" / "user_0000.wav"
+    result = Generator(out)(load_wav(wav_path), GenerationOptions(greedy=True, max_text_tokens=12,
+                                                                  max_speech_tokens=24))
     assert result.text_ids and result.speech_ids
     assert all(0 <= u < 16384 for u in result.speech_units)
+
+    # The trained checkpoint goes through export and the torch-free runtime unchanged.
+    import json
+    import subprocess
+    import sys
+
+    from opens2s_edge.export.pipeline import export_bundle
+    from opens2s_edge.training.token2wav.init import write_random_decoder
+
+    decoder = setup["root"] / "lora_decoder"
+    write_random_decoder(decoder, "tiny")
+    bundle = export_bundle(out, decoder, setup["root"] / "lora_bundle", max_context=256, progress=lambda _: None)
+    run = subprocess.run([sys.executable, "-m", "opens2s_edge", "run", str(bundle), "--audio", str(wav_path),
+                          "--out", str(setup["root"] / "lora_reply.wav"), "--greedy", "--json",
+                          "--max-text-tokens", "12", "--max-speech-tokens", "24"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    reply = json.loads(run.stdout)
+    assert reply["text_ids"] == result.text_ids and reply["speech_ids"] == result.speech_ids
 
 
 @pytest.mark.parametrize("fsdp", ["off", "on"])
