@@ -144,3 +144,31 @@ def test_fp16_deviation_is_measured_and_finite(golden_opens2s: Path, tmp_path: P
             assert np.isfinite(ours).all()
             worst = max(worst, _rel(ours, ref))
     assert worst < 2e-2, f"fp16 {form} deviates {worst:.2e} from fp32"
+
+
+def test_modern_bundle_records_its_forms(golden_root: Path, golden_opens2s: Path, tmp_path: Path) -> None:
+    """`export --form modern`: the decoders are modern at opset 24, every other graph stays classic, the manifest
+    says so per graph, the bundle loads, and its LLM decodes greedily like PyTorch through the runtime's cache."""
+    from opens2s_edge.export.pipeline import export_bundle
+    from opens2s_edge.runtime.bundle import load_bundle
+
+    out = export_bundle(golden_opens2s, golden_root / "glm4voice_decoder_tiny", tmp_path / "bundle",
+                        max_context=MAX_CONTEXT, form="modern", progress=lambda _: None)
+    bundle = load_bundle(out)
+    assert bundle.manifest["form"] == "modern"
+    for name, graph in bundle.manifest["graphs"].items():
+        decoder = name in ("llm", "tts_lm")
+        assert (graph["form"], graph["opset"]) == (("modern", 24) if decoder else ("classic", 17)), name
+        assert graph["max_deviation"] < 1e-4
+    lm = load_checkpoint(golden_opens2s).llm_model
+    lm.setup_cache(MAX_CONTEXT)
+    decoder = CachedDecoder(make_session(bundle.graph_path("llm"), ["CPUExecutionProvider"]), bundle.array("llm_embed"))
+    ids = [1, 5, 9, 2, 7]
+    logits = decoder.run(decoder.embed(ids))["logits"]
+    with torch.no_grad():
+        ref, _ = lm(lm.embed(torch.tensor([ids])), 0)
+        for step in range(16):
+            token = int(np.argmax(logits))
+            assert token == int(ref[0, -1].argmax())
+            logits = decoder.run(decoder.embed([token]))["logits"]
+            ref, _ = lm(lm.embed(torch.tensor([[token]])), len(ids) + step)
