@@ -45,6 +45,9 @@ class GraphSpec:
     # fp32 entries: module types fed fp32 features by the model (timestep sinusoids) that compute in fp32
     # and hand the graph's dtype on.
     fp32_entry: tuple[type, ...] = ()
+    # Exported in fp32 even in a bf16 bundle: bf16's 8-bit mantissa cannot carry the vocoder's running
+    # sine phase over thousands of samples (measured: ~100% deviation of the waveform).
+    fp32_in_bf16: bool = False
     # How the module's primitives are traced (export/lm.py for the decoders); None = the exporter's defaults.
     lowering: Callable[[], contextlib.AbstractContextManager] | None = None
     # Output shapes the graph promises (ints static, strings symbolic), stamped over the tracer's guesses.
@@ -203,7 +206,7 @@ def token2wav_graphs(decoder: Token2Wav, dtype: torch.dtype) -> list[GraphSpec]:
     return [
         GraphSpec("flow", decoder.flow, flow_in(23), ["mu", "spks"],
                   dynamic={"tokens": {1: "tokens"}, "mu": {2: "frames"}}, probes=[flow_in(10), flow_in(57)],
-                  keep_fp32=(nn.LayerNorm,)),
+                  keep_fp32=(nn.LayerNorm, nn.GroupNorm)),
         GraphSpec("estimator", decoder.estimator, est_in(37), ["velocity"],
                   dynamic={k: {2: "frames"} for k in ("x", "mask", "mu", "cond", "velocity")},
                   probes=[est_in(16), est_in(90)], keep_fp32=(nn.LayerNorm, nn.GroupNorm),
@@ -211,7 +214,7 @@ def token2wav_graphs(decoder: Token2Wav, dtype: torch.dtype) -> list[GraphSpec]:
         GraphSpec("hift", decoder.hift, hift_in(20), ["wav", "source", "frame_phase"],
                   dynamic={"mel": {2: "frames"}, "noise": {2: "samples"}, "wav": {1: "samples"},
                            "source": {2: "samples"}, "frame_phase": {2: "frames"}},
-                  probes=[hift_in(8), hift_in(45)]),
+                  probes=[hift_in(8), hift_in(45)], fp32_in_bf16=True),
     ]
 
 

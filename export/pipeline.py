@@ -232,6 +232,10 @@ def _distinct_scalar(i: int, dtype: torch.dtype) -> Tensor:
 
 
 # -- one graph -----------------------------------------------------------------------------------------
+def _as_float32(feeds: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.float() if v.is_floating_point() else v for k, v in feeds.items()}
+
+
 def _float_feeds(feeds: dict[str, Tensor]) -> tuple[Tensor, ...]:
     return tuple(v.float() if v.is_floating_point() else v for v in feeds.values())
 
@@ -267,12 +271,88 @@ def trace_graph(spec: GraphSpec, path: Path, dtype: torch.dtype) -> onnx.ModelPr
                           custom_opsets=lm_forms.custom_opsets(spec.form),
                           dynamo=False, export_params=False, do_constant_folding=False)
     model = onnxscript.optimizer.optimize(onnx.load_from_string(buffer.getvalue()))
+    if dtype == torch.bfloat16:
+        _bf16_fp32_ops(model)
     onnx.save(model, str(path))
     if spec.form == "modern":
         lm_forms.finish_modern(path)
     if spec.output_shapes:
         _stamp_output_shapes(path, spec.output_shapes)
     return onnx.load(str(path))
+
+
+def _lacks_bf16(node: onnx.NodeProto, opset: int, types: dict[str, int]) -> bool:
+    """Whether the op's schema at `opset` refuses bfloat16 for one of the inputs that are bf16 here (Conv,
+    AveragePool, Sin, ... gained bf16 only in opset 22)."""
+    if node.domain not in ("", "ai.onnx") or node.op_type in ("Cast", "Constant"):
+        return False
+    schema = onnx.defs.get_schema(node.op_type, opset)
+    constraints = {c.type_param_str: c.allowed_type_strs for c in schema.type_constraints}
+    for j, name in enumerate(node.input):
+        if not name or types.get(name) != TensorProto.BFLOAT16 or not schema.inputs:
+            continue
+        type_str = schema.inputs[min(j, len(schema.inputs) - 1)].type_str
+        if "tensor(bfloat16)" not in constraints.get(type_str, [type_str]):
+            return True
+    return False
+
+
+def _bf16_fp32_ops(model: onnx.ModelProto) -> None:
+    """In a bf16 graph, ops the graph's opset has no bf16 for run on fp32 casts of their inputs and hand
+    bf16 on, so the classic opset stays valid for the checker and TensorRT 10.3."""
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    for node in model.graph.node:
+        if node.op_type == "Cast":
+            for attr in node.attribute:
+                # The TorchScript exporter writes torch's ScalarType number for bf16 (15) in some Casts
+                # (bool masks times bf16); 15 is COMPLEX128 in ONNX, which no graph here uses.
+                if attr.name == "to" and attr.i == TensorProto.COMPLEX128:
+                    attr.i = TensorProto.BFLOAT16
+    del model.graph.value_info[:]  # the tracer's types carry the same wrong number; the checker infers anew
+    nodes = []
+    for node in model.graph.node:
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "ConstantOfShape" and value is not None and value.t.data_type == TensorProto.BFLOAT16:
+            # ConstantOfShape has bf16 from opset 20: fill in fp32, then cast.
+            value.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(value.t).astype(np.float32)))
+            out = node.output[0]
+            node.output[0] = out + "__fp32"
+            nodes += [node, helper.make_node("Cast", [out + "__fp32"], [out], to=TensorProto.BFLOAT16)]
+        else:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    wrapped: set[str] = set()
+    while True:
+        # Shape inference stops at the first op that refuses bf16: wrap what it reached, infer again.
+        inferred = shape_inference.infer_shapes(model)
+        types = {vi.name: vi.type.tensor_type.elem_type
+                 for vi in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)}
+        types.update({init.name: init.data_type for init in model.graph.initializer})
+        todo = [n for n in model.graph.node if n.name not in wrapped
+                and _lacks_bf16(n, opset, types)]
+        if not todo:
+            return
+        nodes = []
+        for node in model.graph.node:
+            if node not in todo:
+                nodes.append(node)
+                continue
+            node.name = node.name or f"{node.op_type}_{len(wrapped)}"
+            wrapped.add(node.name)
+            # The result is bf16 again when the data input was (an fp32 input with bf16 weights stays fp32).
+            back = types.get(node.input[0]) == TensorProto.BFLOAT16
+            for j, name in enumerate(node.input):
+                if types.get(name) == TensorProto.BFLOAT16:
+                    cast = f"{name}__fp32_{node.name}_{j}"
+                    nodes.append(helper.make_node("Cast", [name], [cast], to=TensorProto.FLOAT))
+                    node.input[j] = cast
+            nodes.append(node)
+            for j, name in enumerate(node.output if back else ()):
+                node.output[j] = name + "__fp32"
+                nodes.append(helper.make_node("Cast", [name + "__fp32"], [name], to=TensorProto.BFLOAT16))
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
 
 
 def _stamp_output_shapes(path: Path, shapes: dict[str, list[int | str]]) -> None:
@@ -479,16 +559,21 @@ def export_bundle(checkpoint: Path, decoder: Path, out: Path, dtype: str = "fp32
             t0 = time.perf_counter()
             progress(f"[export] {i}/{len(specs)} {spec.name}: exporting")
             path = tmp / f"{spec.name}.onnx"
+            graph_dtype = torch_dtype
+            if spec.fp32_in_bf16 and torch_dtype == torch.bfloat16:
+                graph_dtype = torch.float32
+                spec = dataclasses.replace(spec, inputs=_as_float32(spec.inputs),
+                                           probes=[_as_float32(p) for p in spec.probes])
             if i <= n_opens2s:
                 keys = checkpoint_keys(model, spec.module, present)
                 with streamed(spec.module, keys, weights):
                     refs = reference_outputs(spec)
-                placeholders(spec.module, keys, torch_dtype, spec.keep_fp32)
-                islands = fp32_islands(spec.module, spec.keep_fp32) if torch_dtype != torch.float32 else []
+                placeholders(spec.module, keys, graph_dtype, spec.keep_fp32)
+                islands = fp32_islands(spec.module, spec.keep_fp32) if graph_dtype != torch.float32 else []
                 if before_export is not None:
                     before_export(spec, model)
                 try:
-                    opset = export_graph(spec, path, torch_dtype, lambda n, keys=keys: weights.get(keys[n]))
+                    opset = export_graph(spec, path, graph_dtype, lambda n, keys=keys: weights.get(keys[n]))
                 finally:
                     release(spec.module, keys)
                     for m in islands:
@@ -498,16 +583,17 @@ def export_bundle(checkpoint: Path, decoder: Path, out: Path, dtype: str = "fp32
                 # A copy is cast: the token2wav modules nest (the flow holds the estimator), and each
                 # graph's fp32 reference must see fp32 weights. They are small enough to copy.
                 spec = dataclasses.replace(spec, module=copy.deepcopy(spec.module))
-                to_export_dtype(spec.module, torch_dtype, spec.keep_fp32, spec.fp32_entry)
+                to_export_dtype(spec.module, graph_dtype, spec.keep_fp32, spec.fp32_entry)
                 state = spec.module.state_dict()
                 if before_export is not None:
                     before_export(spec, model)
-                opset = export_graph(spec, path, torch_dtype, state.__getitem__)
+                opset = export_graph(spec, path, graph_dtype, state.__getitem__)
             check_graph(path)
-            deviation = verify_graph(spec, path, refs, TOLERANCE[dtype], torch_dtype)
+            deviation = verify_graph(spec, path, refs, TOLERANCE[dtype], graph_dtype)
             model_proto = onnx.load(str(path), load_external_data=False)
             inputs, outputs = _io_spec(model_proto)
             graphs[spec.name] = {"file": path.name, "inputs": inputs, "outputs": outputs,
+                                 "dtype": {v: k for k, v in DTYPES.items()}[graph_dtype],
                                  "form": spec.form, "opset": opset, "limits": spec.limits,
                                  "aliases": spec.aliases, "max_deviation": max(deviation.values()),
                                  "deviation": deviation, "deviation_reference": DEVIATION_REFERENCE}
