@@ -45,6 +45,8 @@ class GraphSpec:
     # fp32 entries: module types fed fp32 features by the model (timestep sinusoids) that compute in fp32
     # and hand the graph's dtype on.
     fp32_entry: tuple[type, ...] = ()
+    # The same by submodule name, for modules whose type is too common to select by (a Linear).
+    fp32_entry_names: tuple[str, ...] = ()
     # Exported in fp32 even in a bf16 bundle: bf16's 8-bit mantissa cannot carry the vocoder's running
     # sine phase over thousands of samples (measured: ~100% deviation of the waveform).
     fp32_in_bf16: bool = False
@@ -189,8 +191,10 @@ def token2wav_graphs(decoder: Token2Wav, dtype: torch.dtype) -> list[GraphSpec]:
     mels, sines = spec.mel_bins, spec.n_sines
 
     def flow_in(n: int) -> dict[str, Tensor]:
+        # The speaker embedding stays fp32: the flow L2-normalizes it with eps 1e-12, which is 0 in fp16,
+        # so the runtime's default zero embedding would give 0/0 = NaN (it did, measured).
         return {"tokens": torch.randint(0, spec.vocab_size, (1, n), generator=gen),
-                "embedding": torch.randn(1, spec.spk_dim, generator=gen).to(dtype)}
+                "embedding": torch.randn(1, spec.spk_dim, generator=gen)}
 
     def est_in(t: int) -> dict[str, Tensor]:
         return {"x": torch.randn(2, mels, t, generator=gen).to(dtype), "mask": torch.ones(2, 1, t).to(dtype),
@@ -205,8 +209,9 @@ def token2wav_graphs(decoder: Token2Wav, dtype: torch.dtype) -> list[GraphSpec]:
 
     return [
         GraphSpec("flow", decoder.flow, flow_in(23), ["mu", "spks"],
-                  dynamic={"tokens": {1: "tokens"}, "mu": {2: "frames"}}, probes=[flow_in(10), flow_in(57)],
-                  keep_fp32=(nn.LayerNorm, nn.GroupNorm)),
+                  dynamic={"tokens": {1: "tokens"}, "mu": {2: "frames"}},
+                  probes=[flow_in(10), flow_in(57), {**flow_in(12), "embedding": torch.zeros(1, spec.spk_dim)}],
+                  keep_fp32=(nn.LayerNorm, nn.GroupNorm), fp32_entry_names=("spk_embed_affine_layer",)),
         GraphSpec("estimator", decoder.estimator, est_in(37), ["velocity"],
                   dynamic={k: {2: "frames"} for k in ("x", "mask", "mu", "cond", "velocity")},
                   probes=[est_in(16), est_in(90)], keep_fp32=(nn.LayerNorm, nn.GroupNorm),
@@ -238,21 +243,21 @@ def fp32_islands(module: nn.Module, keep_fp32: tuple[type, ...]) -> list[nn.Modu
 
 
 def to_export_dtype(module: nn.Module, dtype: torch.dtype, keep_fp32: tuple[type, ...],
-                    fp32_entry: tuple[type, ...] = ()) -> None:
+                    fp32_entry: tuple[type, ...] = (), fp32_entry_names: tuple[str, ...] = ()) -> None:
     """Cast `module` in place to `dtype`, keeping instances of `keep_fp32` (normalizations) in fp32
     islands: their parameters stay fp32 and their input is cast up and the result back down. Instances of
     `fp32_entry` also stay fp32 and hand their result on in `dtype`."""
     module.to(dtype)
     if dtype == torch.float32:
         return
+    entries = [m for name, m in module.named_modules()
+               if (fp32_entry and isinstance(m, fp32_entry)) or name in fp32_entry_names]
     for m in module.modules():
-        if isinstance(m, keep_fp32 + fp32_entry):
+        if isinstance(m, keep_fp32) or any(m is e for e in entries):
             m.float()
     fp32_islands(module, keep_fp32)
-    for m in module.modules():
-        if fp32_entry and isinstance(m, fp32_entry):
-            m.forward = types.MethodType(
-                lambda self, x, dtype=dtype: type(self).forward(self, x.float()).to(dtype), m)
+    for m in entries:
+        m.forward = types.MethodType(lambda self, x, dtype=dtype: type(self).forward(self, x.float()).to(dtype), m)
 
 
 _SCALAR_TYPE = {"Float": TensorProto.FLOAT, "Half": TensorProto.FLOAT16, "BFloat16": TensorProto.BFLOAT16}

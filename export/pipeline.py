@@ -583,7 +583,7 @@ def export_bundle(checkpoint: Path, decoder: Path, out: Path, dtype: str = "fp32
                 # A copy is cast: the token2wav modules nest (the flow holds the estimator), and each
                 # graph's fp32 reference must see fp32 weights. They are small enough to copy.
                 spec = dataclasses.replace(spec, module=copy.deepcopy(spec.module))
-                to_export_dtype(spec.module, graph_dtype, spec.keep_fp32, spec.fp32_entry)
+                to_export_dtype(spec.module, graph_dtype, spec.keep_fp32, spec.fp32_entry, spec.fp32_entry_names)
                 state = spec.module.state_dict()
                 if before_export is not None:
                     before_export(spec, model)

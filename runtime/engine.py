@@ -21,7 +21,7 @@ from .audio import audio_features
 from .bundle import Bundle
 from .decoding import DecodeOptions, GenerationDefaults, interleave_config, make_samplers
 from .interleave import InterleaveResult, interleave
-from .onnx_backend import CachedDecoder, ContextFull, make_session, resolve_providers
+from .onnx_backend import CachedDecoder, ContextFull, input_dtypes, make_session, resolve_providers
 from .prompt import AUDIO_PLACEHOLDER_ID, PromptBuilder, SpeechVocab
 from .token2wav_stream import DecoderSpec, StreamConfig, Token2WavStream
 
@@ -128,22 +128,29 @@ class OrtToken2Wav:
         self.flow = make_session(bundle.graph_path("flow"), providers, threads)
         self.estimator = make_session(bundle.graph_path("estimator"), providers, threads)
         self.hift = make_session(bundle.graph_path("hift"), providers, threads)
+        self._dtypes: dict[int, dict[str, type]] = {}
+
+    def _run(self, session, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        # Feeds in each graph's own input dtypes (fp16 bundles), results back in float32 for the streamer.
+        dtypes = self._dtypes.setdefault(id(session), input_dtypes(session))
+        outs = session.run(None, {k: np.ascontiguousarray(v, dtypes[k]) for k, v in feeds.items()})
+        return [o.astype(np.float32, copy=False) for o in outs]
 
     def encode(self, tokens: np.ndarray, embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        mu, spks = self.flow.run(None, {"tokens": np.asarray(tokens, np.int64)[None],
-                                        "embedding": np.asarray(embedding, np.float32)[None]})
+        mu, spks = self._run(self.flow, {"tokens": np.asarray(tokens, np.int64)[None],
+                                         "embedding": np.asarray(embedding, np.float32)[None]})
         return mu[0], spks[0]
 
     def estimate(self, x: np.ndarray, mask: np.ndarray, mu: np.ndarray, t: np.ndarray, spks: np.ndarray,
                  cond: np.ndarray) -> np.ndarray:
         feeds = {"x": x, "mask": mask, "mu": mu, "t": t, "spks": spks, "cond": cond}
-        return self.estimator.run(None, {k: np.ascontiguousarray(v, np.float32) for k, v in feeds.items()})[0]
+        return self._run(self.estimator, feeds)[0]
 
     def vocode(self, mel: np.ndarray, phase: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        wav, _source, frame_phase = self.hift.run(None, {
-            "mel": np.ascontiguousarray(mel, np.float32)[None],
+        wav, _source, frame_phase = self._run(self.hift, {
+            "mel": np.asarray(mel, np.float32)[None],
             "phase": np.asarray(phase, np.float32).reshape(1, -1, 1),
-            "noise": np.ascontiguousarray(noise, np.float32)[None]})
+            "noise": np.asarray(noise, np.float32)[None]})
         return wav[0], frame_phase[0]
 
 

@@ -53,6 +53,11 @@ def make_session(path: Path, providers: Sequence[str], threads: int = 0) -> ort.
         raise BackendError(f"onnxruntime could not load {path}: {exc}") from exc
 
 
+def input_dtypes(session: ort.InferenceSession) -> dict[str, type]:
+    """numpy dtype of each graph input: an fp16 bundle's graphs take fp16 activations, an fp32 one fp32."""
+    return {i.name: _NUMPY_DTYPES.get(_onnx_type(i.type), np.float32) for i in session.get_inputs()}
+
+
 class CachedDecoder:
     """One decoder graph with its preallocated KV cache; `run(embeds)` advances the position."""
 
