@@ -64,8 +64,11 @@ def tensorrt_readiness(path: Path, tsv: Path = DEFAULT_TSV) -> list[str]:
     model = onnx.load(str(path), load_external_data=False)
     inferred = shape_inference.infer_shapes(model)
     types: dict[str, int] = {}
+    ranks: dict[str, int] = {}
     for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
         types[vi.name] = vi.type.tensor_type.elem_type
+        if vi.type.tensor_type.HasField("shape"):
+            ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
     initializers = set()
     for init in model.graph.initializer:
         types[init.name] = init.data_type
@@ -96,10 +99,36 @@ def tensorrt_readiness(path: Path, tsv: Path = DEFAULT_TSV) -> list[str]:
             for attr in node.attribute:
                 if attr.name == "reduction" and attr.s not in (b"", b"none"):
                     problems.append(f"{where}: reduction {attr.s.decode()} is unsupported")
-        if node.op_type == "TensorScatter":
-            for attr in node.attribute:
-                if attr.name == "axis" and attr.i != -2:
-                    problems.append(f"{where}: axis {attr.i} (TensorRT needs -2)")
+        problems += [f"{where}: {p}" for p in _op_restrictions(node, types, ranks)]
+    return problems
+
+
+def _op_restrictions(node: onnx.NodeProto, types: dict[str, int], ranks: dict[str, int]) -> list[str]:
+    """The restrictions column of the support list for the modern ops the decoder graphs use."""
+    problems = []
+    attrs = {a.name: a for a in node.attribute}
+
+    def rank_is(names: list[str], rank: int, what: str) -> None:
+        for name in names:
+            if name and name in ranks and ranks[name] != rank:
+                problems.append(f"{what} {name!r} is {ranks[name]}-D (TensorRT needs {rank}-D)")
+
+    if node.op_type == "TensorScatter":
+        if "axis" in attrs and attrs["axis"].i != -2:
+            problems.append(f"axis {attrs['axis'].i} (TensorRT needs -2)")
+        rank_is(list(node.input[:2]), 4, "past_cache/update")
+    if node.op_type == "Attention":
+        if len([i for i in node.input[4:] if i]):
+            problems.append("past_key/past_value/nonpad_kv_seqlen inputs are unsupported by TensorRT")
+        if len([o for o in node.output[1:] if o]):
+            problems.append("present_key/present_value/qk_matmul_output outputs are unsupported by TensorRT")
+        for name in ("qk_matmul_output_mode", "softcap"):
+            if name in attrs and (attrs[name].i if name != "softcap" else attrs[name].f):
+                problems.append(f"attribute {name} is unsupported by TensorRT")
+        rank_is(list(node.input[:4]), 4, "Q/K/V/attn_mask")
+    if node.op_type == "RotaryEmbedding" and len(node.input) > 3 and node.input[3]:
+        if types.get(node.input[3], TensorProto.INT64) != TensorProto.INT64:
+            problems.append("position_ids must be INT64")
     return problems
 
 

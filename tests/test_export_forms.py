@@ -143,3 +143,29 @@ def test_bundles_of_both_forms_answer_alike(bundles) -> None:
         done[form] = list(engine.turn(wav, TurnOptions(greedy=True, max_text_tokens=6, max_speech_tokens=16)))[-1]
     assert done["classic"].text_ids == done["modern"].text_ids
     assert done["classic"].speech_ids == done["modern"].speech_ids
+
+
+def test_readiness_enforces_the_modern_ops_restrictions(tmp_path: Path) -> None:
+    """The support list's restrictions: Attention without past/present, TensorScatter on axis -2 of 4-D caches."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def value(name: str, shape: list[int]):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+    q = [1, 2, 3, 8]
+    attention = helper.make_node("Attention", ["q", "k", "v", "", "pk", "pv"], ["y", "pk_out", "pv_out"])
+    scatter = helper.make_node("TensorScatter", ["cache", "upd", "idx"], ["present"], axis=2)
+    graph = helper.make_graph(
+        [attention, scatter], "g",
+        [value("q", q), value("k", q), value("v", q), value("pk", [1, 2, 5, 8]), value("pv", [1, 2, 5, 8]),
+         value("cache", [2, 16, 8]), value("upd", [2, 1, 8]),
+         helper.make_tensor_value_info("idx", TensorProto.INT64, [2])],
+        [value("y", q), value("pk_out", [1, 2, 8, 8]), value("pv_out", [1, 2, 8, 8]), value("present", [2, 16, 8])])
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 24)]), str(path))
+    problems = "\n".join(tensorrt_readiness(path))
+    assert "past_key/past_value" in problems
+    assert "present_key/present_value" in problems
+    assert "axis 2 (TensorRT needs -2)" in problems
+    assert "is 3-D (TensorRT needs 4-D)" in problems
