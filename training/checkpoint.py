@@ -23,6 +23,7 @@ from opens2s_edge.runtime.decoding import GenerationDefaults
 from opens2s_edge.runtime.files import atomic_dir, read_json
 
 from .opens2s import OpenS2S, OpenS2SConfig
+from .weights import key_mismatches
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 ASSET_FILES = (
@@ -98,18 +99,7 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Raise CheckpointError naming every missing, unexpected and mis-shaped key."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tied = _tied_keys(model)
-    missing = sorted(k for k in expected if k not in state and k not in tied)
-    unexpected = sorted(k for k in state if k not in expected)
-    misshaped = sorted(f"{k}: file {tuple(state[k].shape)}, model {expected[k]}"
-                       for k in state if k in expected and tuple(state[k].shape) != expected[k])
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-    if misshaped:
-        problems.append(f"mis-shaped keys ({len(misshaped)}): {'; '.join(misshaped)}")
+    problems = key_mismatches(expected, state, frozenset(_tied_keys(model)))
     if problems:
         raise CheckpointError(f"weights in {where} do not match config.json: " + " | ".join(problems))
 

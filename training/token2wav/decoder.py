@@ -18,6 +18,7 @@ from opens2s_edge.runtime.token2wav_stream import (
     validate_tokens,
 )
 
+from ..weights import key_mismatches
 from .backend import TorchBackend, spec_from_config
 from .config import DecoderConfig, DecoderConfigError, load_config
 from .flow import Flow
@@ -89,22 +90,9 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_keys(path: Path, state: dict[str, torch.Tensor], expected: dict[str, list[int]]) -> None:
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shaped = [
-        f"{k} {list(state[k].shape)} (expected {expected[k]})"
-        for k in expected
-        if k in state and list(state[k].shape) != expected[k]
-    ]
-    if missing or unexpected or shaped:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-        if shaped:
-            parts.append(f"mis-shaped keys ({len(shaped)}): {', '.join(shaped)}")
-        raise DecoderFilesError(f"{path} does not match config.yaml: " + "; ".join(parts))
+    problems = key_mismatches(expected, state)
+    if problems:
+        raise DecoderFilesError(f"{path} does not match config.yaml: " + "; ".join(problems))
 
 
 class Token2Wav:
