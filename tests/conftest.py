@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,17 @@ def _golden(sub: str) -> Path:
             pytest.fail(f"golden data missing at {path}: CI must run beside ../shared/golden")
         pytest.skip(f"golden data not found at {path} (set OPENS2S_GOLDEN)")
     return path
+
+
+@pytest.fixture
+def torch_one_thread() -> Iterator[None]:
+    """One intra-op thread: two on a shared 2-core machine spin-wait each other (tiny matmuls 100x slower)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

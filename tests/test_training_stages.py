@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +22,8 @@ pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espea
 
 
 @pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Two intra-op threads on a shared 2-core machine spin-wait each other: 100x slower tiny matmuls.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(torch_one_thread: None) -> None:
+    pass
 
 
 @pytest.fixture(scope="module")
