@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from .decoding import add_decode_arguments, decode_options_from_args
@@ -14,8 +15,11 @@ from .files import atomic_file
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path, help="bundle folder written by `opens2s-edge export`")
-    p.add_argument("--audio", type=Path, required=True, help="user utterance (16 kHz mono preferred)")
-    p.add_argument("--out", type=Path, required=True, help="reply audio (wav, 22.05 kHz)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--audio", type=Path, help="user utterance file (16 kHz mono preferred)")
+    source.add_argument("--mic", type=float, metavar="SECONDS", help="record the utterance from the microphone")
+    p.add_argument("--out", type=Path, help="reply audio file (wav, 22.05 kHz)")
+    p.add_argument("--play", action="store_true", help="play the reply on the speaker as it streams")
     add_decode_arguments(p)
     p.add_argument("--provider", action="append", default=None, choices=["cpu", "cuda", "tensorrt"],
                    help="onnxruntime execution provider (repeatable, in priority order; default cpu)")
@@ -36,30 +40,42 @@ def main(args: argparse.Namespace) -> int:
     from opens2s_edge.cli import UserError
 
     from .audio import AudioInputError, load_wav
+    from .audio_io import AudioDeviceError, Speaker, record
     from .bundle import BundleError, load_bundle
     from .engine import AudioChunk, AudioTooLong, TextDelta, TurnDone, TurnOptions, VoiceEngine
     from .onnx_backend import BackendError
 
+    if args.out is None and not args.play:
+        raise UserError("say where the reply goes: --out FILE.wav and/or --play")
     try:
-        wav = load_wav(args.audio)
+        if args.mic is not None:
+            print(f"[mic] recording {args.mic:g} s ...", file=sys.stderr, flush=True)
+            wav = record(args.mic)
+        else:
+            wav = load_wav(args.audio)
         engine = VoiceEngine(load_bundle(args.bundle), tuple(args.provider or ["cpu"]), args.threads)
         options = decode_options_from_args(args, TurnOptions)
-    except (AudioInputError, BundleError, BackendError, ValueError) as exc:
+    except (AudioInputError, AudioDeviceError, BundleError, BackendError, ValueError) as exc:
         raise UserError(str(exc)) from exc
     try:
         events = engine.turn(wav, options)
     except AudioTooLong as exc:
-        raise UserError(f"{args.audio}: {exc}") from exc
-    done = None
-    for event in events:
-        if isinstance(event, TextDelta) and not args.json:
-            print(event.text, end="", flush=True)
-        elif isinstance(event, AudioChunk):
-            pass  # the whole reply is written at the end; a speaker sink would play each chunk here
-        elif isinstance(event, TurnDone):
-            done = event
+        raise UserError(f"{args.audio or 'microphone'}: {exc}") from exc
+    try:
+        with Speaker(engine.token2wav.spec.sample_rate) if args.play else nullcontext() as speaker:
+            done = None
+            for event in events:
+                if isinstance(event, TextDelta) and not args.json:
+                    print(event.text, end="", flush=True)
+                elif isinstance(event, AudioChunk) and speaker is not None:
+                    speaker.play(event.pcm)
+                elif isinstance(event, TurnDone):
+                    done = event
+    except AudioDeviceError as exc:
+        raise UserError(str(exc)) from exc
     assert done is not None
-    write_wav_atomic(args.out, done.audio, done.sample_rate)
+    if args.out is not None:
+        write_wav_atomic(args.out, done.audio, done.sample_rate)
     lat = done.latency
     if args.json:
         json.dump(done.to_json(), sys.stdout)
@@ -70,6 +86,7 @@ def main(args: argparse.Namespace) -> int:
         first_text = f"{lat.first_text_s * 1000:.0f} ms" if lat.first_text_s is not None else "n/a"
         first_audio = f"{lat.first_audio_s * 1000:.0f} ms" if lat.first_audio_s is not None else "n/a"
         print(f"[latency] first text token {first_text} | first audio {first_audio} | RTF {rtf} | "
-              f"{lat.audio_s:.2f} s of audio in {lat.total_s:.2f} s | stopped: {done.stopped} -> {args.out}",
+              f"{lat.audio_s:.2f} s of audio in {lat.total_s:.2f} s | stopped: {done.stopped}"
+              + (f" -> {args.out}" if args.out else ""),
               file=sys.stderr)
     return 0
