@@ -12,7 +12,6 @@ import copy
 import dataclasses
 import io
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -34,6 +33,7 @@ from torch import Tensor, nn
 import opens2s_edge
 from opens2s_edge.runtime import audio as frontend
 from opens2s_edge.runtime.bundle import FORMAT_VERSION, MANIFEST, sha256_file
+from opens2s_edge.runtime.files import atomic_dir
 from opens2s_edge.runtime.prompt import AUDIO_PLACEHOLDER_ID, DEFAULT_SYSTEM_PROMPT, SpeechVocab
 from opens2s_edge.training.checkpoint import (
     TOKENIZER_FILES,
@@ -552,8 +552,7 @@ def export_bundle(checkpoint: Path, decoder: Path, out: Path, dtype: str = "fp32
     specs += token2wav_graphs(token2wav, torch_dtype)
     present = set(weights.where)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         graphs = {}
         for i, spec in enumerate(specs, 1):
             t0 = time.perf_counter()
@@ -611,12 +610,6 @@ def export_bundle(checkpoint: Path, decoder: Path, out: Path, dtype: str = "fp32
             str(p.relative_to(tmp)): {"sha256": sha256_file(p), "size": p.stat().st_size}
             for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     progress(f"[export] bundle written to {out}")
     return out
 
