@@ -52,7 +52,18 @@ def repeat(fn: Callable[[], Any], runs: int, warmup: int = 1) -> tuple[list[floa
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    """This process's peak resident set size so far.
+
+    On Linux this is VmHWM, the high-water mark of the process's own address space: ru_maxrss is not usable in a
+    spawned child, because exec carries the parent's peak over into it. Elsewhere ru_maxrss (bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 

@@ -14,6 +14,18 @@ import time
 from pathlib import Path
 
 
+def _peak_rss() -> int:
+    """VmHWM: this process's own peak (ru_maxrss would include the launching process's peak, carried over exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def main() -> int:
     request = json.loads(sys.argv[1])
     import onnxruntime as ort
@@ -58,7 +70,7 @@ def main() -> int:
         t0 = time.perf_counter()
         produced.append(generate(n_new))
         full.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss()
     print(json.dumps({"export_s": export_s, "load_s": load_s, "precision": "fp32", "one": one, "full": full,
                       "tokens_produced": produced, "peak_rss_bytes": peak,
                       "optimum": getattr(optimum, "__version__", None), "transformers": transformers.__version__,
