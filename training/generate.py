@@ -20,6 +20,7 @@ from opens2s_edge.runtime.audio import audio_features
 from opens2s_edge.runtime.decoding import DecodeOptions, interleave_config, make_samplers
 from opens2s_edge.runtime.interleave import InterleaveResult, interleave
 from opens2s_edge.runtime.prompt import AUDIO_PLACEHOLDER_ID, PromptBuilder, SpeechVocab
+from opens2s_edge.runtime.token2wav_stream import StreamConfig
 
 from .checkpoint import load_checkpoint, read_generation_defaults
 from .cuda_backend import StaticDecodeStep, host_row, resolve_device, resolve_dtype, resolve_step_mode
@@ -211,13 +212,14 @@ class Generator:
     CUDA. `cuda_graphs`: replay the single-token steps as CUDA graphs (default on CUDA). `compile`: the
     steps through torch.compile(mode="reduce-overhead") instead. `step_mode` names the mode directly
     (eager, static, graph, compile; see cuda_backend.py). `decoder`: a GLM-4-Voice decoder folder; the reply
-    is then synthesized while it is generated (streaming token2wav, fp32, on the same device).
+    is then synthesized while it is generated (streaming token2wav, fp32, on the same device, with
+    `stream_config`, default the runtime's `StreamConfig()`, seeded by the turn's seed as the runtime does).
     """
 
     def __init__(self, checkpoint: str | Path, dtype: torch.dtype | str | None = None, max_context: int = 4096,
                  *, device: str | torch.device = "cpu", cuda_graphs: bool | None = None, compile: bool = False,
                  step_mode: str | None = None, attention_windows: Sequence[int] | None = None,
-                 decoder: str | Path | None = None):
+                 decoder: str | Path | None = None, stream_config: StreamConfig | None = None):
         self.folder = Path(checkpoint)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -233,6 +235,7 @@ class Generator:
             pool = torch.cuda.graph_pool_handle() if self.step_mode == "graph" else None
             self.llm_step = StaticDecodeStep(self.model.llm_model, self.step_mode, attention_windows, pool)
             self.tts_step = StaticDecodeStep(self.model.tts_lm_model, self.step_mode, attention_windows, pool)
+        self.stream_config = stream_config or StreamConfig()
         self.decoder = None
         if decoder is not None:
             from .token2wav.decoder import load_decoder
@@ -272,7 +275,7 @@ class Generator:
         speech_dec = TorchSpeechDecoder(model, step=self.tts_step, timer=timer)
         text_sampler, speech_sampler = make_samplers(options, self.vocab)
         cfg = interleave_config(model.config.interleave_strategy, self.defaults, options)
-        stream = self.decoder.stream(seed=options.seed) if self.decoder is not None else None
+        stream = self.decoder.stream(self.stream_config, seed=options.seed) if self.decoder is not None else None
         pieces: list[np.ndarray] = []
         pushed = voiced = 0  # units pushed to token2wav, and how many of them a returned chunk covered
         result = InterleaveResult()
