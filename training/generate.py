@@ -248,9 +248,9 @@ class Generator:
         Without it each graph is captured the first time a turn needs it."""
         if self.llm_step is None:
             return 0
-        # Under M=1 strategies the TTS LM also takes single projected states (the "embeds" step).
-        tts_kinds = ("token", "embeds") if self.model.config.interleave_strategy.startswith("1:") else ("token",)
-        n = self.llm_step.capture_all(("token",)) + self.tts_step.capture_all(tts_kinds)
+        # The TTS LM also takes single projected LLM states (the "embeds" step): every feed under an M=1
+        # strategy, and a last text chunk of one token under any other.
+        n = self.llm_step.capture_all(("token",)) + self.tts_step.capture_all(("token", "embeds"))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return n
