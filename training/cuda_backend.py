@@ -131,7 +131,8 @@ class StaticDecodeStep:
     """One LM's single-position decode step over its preallocated cache, with fixed input/output buffers.
 
     `token(id, pos)` feeds a token id, `embeds(x, pos)` a (1, 1, D) input embedding; both return the float32
-    row `[logits (V), hidden (D)]` on the device, valid until the next call.
+    row `[logits (V), hidden (D)]` on the device, valid until the next call of any step sharing the graph
+    pool (graphs replayed one after another reuse each other's scratch memory): copy it out at once.
     """
 
     def __init__(self, lm: Qwen3LM, mode: str = "static", windows: Sequence[int] | None = None,
@@ -153,7 +154,7 @@ class StaticDecodeStep:
         if list(windows) != sorted(set(windows)) or windows[-1] != self.max_len or windows[0] < 1:
             raise ValueError(f"attention windows {windows} must increase and end at the cache length {self.max_len}")
         self.windows = windows
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             # Normal (not inference-mode) tensors, so fill_/copy_ work inside and outside inference mode.
             self.ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
             self.inputs = torch.zeros(1, 1, lm.config.hidden_size, dtype=weight.dtype, device=self.device)
@@ -226,8 +227,10 @@ class StaticDecodeStep:
 
     def _capture(self, kind: str, window: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
         """Warm up on a side stream, then capture. Warm-up runs write this position's K/V from the inputs
-        already in the buffers, which the replay writes again identically, so capturing mid-turn is safe."""
-        with torch.cuda.device(self.device):
+        already in the buffers, which the replay writes again identically, so capturing mid-turn is safe.
+        Always under inference mode (as every replay is), so whatever the capture creates lazily, such as the
+        generator's graph state, is made in one mode only."""
+        with torch.inference_mode(), torch.cuda.device(self.device):
             current = torch.cuda.current_stream()
             side = torch.cuda.Stream()
             side.wait_stream(current)
@@ -245,11 +248,15 @@ class StaticDecodeStep:
         position 0 of the cache, which every turn's prefill overwrites. Returns the number of graphs."""
         if self.mode == "static":
             return 0
+        with torch.inference_mode():
+            self._capture_all(kinds)
+        return len(self._graphs) if self.mode == "graph" else len(self._compiled)
+
+    def _capture_all(self, kinds: Sequence[str]) -> None:
         for kind in kinds:
             for window in self.windows:
                 self.pos.fill_(0)
                 self._run(kind, window)
-        return len(self._graphs) if self.mode == "graph" else len(self._compiled)
 
     @property
     def graphs(self) -> int:
