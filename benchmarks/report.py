@@ -192,7 +192,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
             bounds.append(roof.get(f"alone:{p}", {}).get("bound_tokens_per_s") or 0)
     ax.barh(names, rates, color="tab:blue", label="achieved")
     ax.scatter(bounds, names, marker="|", s=300, color="red", label="bandwidth bound")
-    ax.set_xlabel("LLM decode tokens/s")
+    # Achieved rates can be 1% of the bound or less: a linear axis would hide them.
+    ax.set_xscale("log")
+    ax.set_xlabel("LLM decode tokens/s (log scale)")
     ax.set_title("LLM decode vs the memory-bandwidth floor")
     ax.legend()
     fig.suptitle(f"opens2s-edge bench, preset {result['preset']}, {result['machine']['cpu']}")
