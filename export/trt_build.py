@@ -246,7 +246,10 @@ class TimingCache:
     def __init__(self, config, path: Path, progress: Callable[[str], None]):
         self.path = Path(path)
         data = self.path.read_bytes() if self.path.is_file() else b""
-        self.cache = config.create_timing_cache(data)
+        try:
+            self.cache = config.create_timing_cache(data)
+        except Exception:  # TensorRT raises its own types for a corrupt or foreign cache blob
+            self.cache = None
         if data and self.cache is None:
             progress(f"[build] timing cache {self.path} is not usable with this TensorRT; starting a new one")
             self.cache = config.create_timing_cache(b"")
@@ -305,9 +308,9 @@ def _add_profiles(builder, network, config, name: str, profiles: list[Profile]) 
 
 def build_engine(trt, builder, logger, onnx_path: Path, name: str, profiles: list[Profile], *,
                  strongly_typed: bool = True, flags: list[str] = (), workspace_gb: float | None = None,
-                 timing: TimingCache | None = None, fp32: bool = False,
-                 progress: Callable[[str], None] = print) -> bytes:
-    """One graph -> one serialized plan with its profiles, in profile order."""
+                 timing: TimingCache | None = None, fp32: bool = False, out: Path,
+                 progress: Callable[[str], None] = print) -> int:
+    """One graph -> one plan file at `out` with its profiles, in profile order; returns its size in bytes."""
     network, _parser = _parse(trt, builder, logger, onnx_path, strongly_typed)
     config = builder.create_builder_config()
     if workspace_gb:
@@ -326,7 +329,13 @@ def build_engine(trt, builder, logger, onnx_path: Path, name: str, profiles: lis
         raise BuildError(f"TensorRT could not build {name} (see TensorRT's log above)")
     if timing is not None:
         timing.save(config)
-    return bytes(serialized)
+    # Written from TensorRT's own buffer: a bytes() copy would hold a second full-size plan in memory (15 GB for
+    # the fp16 LLM; on a Jetson that is the GPU's memory too).
+    with open(out, "wb") as f:
+        f.write(memoryview(serialized))
+    size = out.stat().st_size
+    del serialized
+    return size
 
 
 # -- the whole set -------------------------------------------------------------------------------------
@@ -375,13 +384,13 @@ def build_engines(plan: BuildPlan, trt, gpu: GpuInfo, *, workspace_gb: float | N
                 # The cache object outlives the per-graph builder configs: timings found for one graph (the LLM's
                 # matmuls) are reused by the next (the TTS LM's).
                 timing = TimingCache(builder.create_builder_config(), cache_path, progress)
-            data = build_engine(trt, builder, logger, sources[name], name, plan.profiles[name],
+            size = build_engine(trt, builder, logger, sources[name], name, plan.profiles[name],
                                 strongly_typed=strongly_typed, flags=flags, workspace_gb=workspace_gb, timing=timing,
-                                fp32=graph_precision[name] == "fp32", progress=progress)
-            (staged / f"{name}{PLAN_SUFFIX}").write_bytes(data)
+                                fp32=graph_precision[name] == "fp32", out=staged / f"{name}{PLAN_SUFFIX}",
+                                progress=progress)
             entry_graphs[name] = {"file": f"{name}{PLAN_SUFFIX}", "precision": graph_precision[name],
                                   "profiles": [p.to_json() for p in plan.profiles[name]]}
-            progress(f"[build] {i}/{len(plan.graphs)} {name}: built, {len(data) / 1e6:.1f} MB "
+            progress(f"[build] {i}/{len(plan.graphs)} {name}: built, {size / 1e6:.1f} MB "
                      f"({time.perf_counter() - t0:.1f} s)")
         if timing is not None:
             progress(f"[build] timing cache saved to {cache_path}")
