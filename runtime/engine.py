@@ -7,13 +7,20 @@ wav -> log-mel (numpy) -> audio graph -> prompt splice -> interleave(LLM graph, 
                                               Token2WavStream(flow, estimator, HiFT graphs) -> PCM
 ```
 Sessions, caches and buffers are created once per `VoiceEngine`; a turn resets positions only.
+
+The turn logic exists once, over three small protocols that each backend implements (`Graph`, `Decoder`, and
+the token2wav backend of token2wav_stream, which `GraphToken2Wav` builds from three `Graph`s):
+onnxruntime (`onnx_backend.OnnxRuntimeBackend`: CPU, CUDA EP, TensorRT EP) and native TensorRT
+(`trt_backend.TensorRTBackend`, loaded only when asked for, so neither tensorrt nor cuda-python is imported
+otherwise).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -21,7 +28,7 @@ from .audio import audio_features
 from .bundle import Bundle
 from .decoding import DecodeOptions, GenerationDefaults, interleave_config, make_samplers
 from .interleave import InterleaveResult, interleave
-from .onnx_backend import CachedDecoder, ContextFull, input_dtypes, make_session, resolve_providers
+from .onnx_backend import BackendError, ContextFull, OnnxRuntimeBackend, OrtGraph, make_session
 from .prompt import AUDIO_PLACEHOLDER_ID, PromptBuilder, SpeechVocab
 from .token2wav_stream import DecoderSpec, StreamConfig, Token2WavStream
 
@@ -29,6 +36,56 @@ from .token2wav_stream import DecoderSpec, StreamConfig, Token2WavStream
 @dataclass
 class TurnOptions(DecodeOptions):
     stream: StreamConfig = field(default_factory=StreamConfig)
+
+
+class Graph(Protocol):
+    """A single-shot graph: named host arrays in (any float dtype; the backend casts to the graph's own), host
+    arrays out in the graph's output order, float outputs as float32."""
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+class Decoder(Protocol):
+    """A decoder graph with its KV cache held by the backend (see export/README.md, the decoder contract).
+    `run(embeds)` feeds (T, D) rows at `pos`, advances `pos` by T and returns the last row of each result
+    output ("logits", "hidden") as float32; it raises ContextFull instead of running past `max_len`."""
+
+    pos: int
+    max_len: int
+    embed_dtype: Any  # the host dtype `run` takes and `embed` returns
+
+    def reset(self) -> None: ...
+
+    def embed(self, ids: Sequence[int]) -> np.ndarray: ...
+
+    def run(self, embeds: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+class Backend(Protocol):
+    """Makes the graphs of one bundle runnable; VoiceEngine asks for each by its bundle name."""
+
+    name: str
+
+    def graph(self, name: str) -> Graph: ...
+
+    def decoder(self, name: str, embed_table: np.ndarray) -> Decoder: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
+def make_backend(name: str, bundle: Bundle, providers: Sequence[str] = ("cpu",), threads: int = 0,
+                 engines: str | None = None, cuda_graphs: bool = True) -> Backend:
+    """The backend called `name` for `bundle`; BackendError (named, with what to install) if it cannot run here."""
+    if name == "onnxruntime":
+        return OnnxRuntimeBackend(bundle, providers, threads)
+    if name == "tensorrt":
+        from .trt_backend import TensorRTBackend  # imports tensorrt and cuda-python, so only on request
+
+        return TensorRTBackend(bundle, engines=engines, cuda_graphs=cuda_graphs)
+    raise BackendError(f"unknown backend {name!r} (choose from: {', '.join(BACKENDS)})")
 
 
 @dataclass(frozen=True)
@@ -90,7 +147,7 @@ Event = TextDelta | SpeechToken | AudioChunk | TurnDone
 
 
 class _TextDecoder:
-    def __init__(self, decoder: CachedDecoder, prompt_embeds: np.ndarray):
+    def __init__(self, decoder: Decoder, prompt_embeds: np.ndarray):
         self.decoder, self.prompt_embeds = decoder, prompt_embeds
 
     def prefill(self) -> tuple[np.ndarray, np.ndarray]:
@@ -120,38 +177,41 @@ class _SpeechDecoder:
         return self.decoder.run(self.decoder.embed([token]))["logits"]
 
 
-class OrtToken2Wav:
-    """The streaming token2wav protocol on the bundle's flow, estimator and HiFT graphs."""
+class GraphToken2Wav:
+    """The streaming token2wav protocol on the bundle's flow, estimator and HiFT graphs, on any backend."""
 
-    def __init__(self, bundle: Bundle, providers: list[str], threads: int):
-        self.spec = DecoderSpec(**bundle.manifest["token2wav"]["spec"])
-        self.flow = make_session(bundle.graph_path("flow"), providers, threads)
-        self.estimator = make_session(bundle.graph_path("estimator"), providers, threads)
-        self.hift = make_session(bundle.graph_path("hift"), providers, threads)
-        self._dtypes: dict[int, dict[str, type]] = {}
+    def __init__(self, spec: DecoderSpec, flow: Graph, estimator: Graph, hift: Graph):
+        self.spec, self.flow, self.estimator, self.hift = spec, flow, estimator, hift
 
-    def _run(self, session, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        # Feeds in each graph's own input dtypes (fp16 bundles), results back in float32 for the streamer.
-        dtypes = self._dtypes.setdefault(id(session), input_dtypes(session))
-        outs = session.run(None, {k: np.ascontiguousarray(v, dtypes[k]) for k, v in feeds.items()})
-        return [o.astype(np.float32, copy=False) for o in outs]
+    @classmethod
+    def from_backend(cls, bundle: Bundle, backend: Backend) -> GraphToken2Wav:
+        return cls(DecoderSpec(**bundle.manifest["token2wav"]["spec"]), backend.graph("flow"),
+                   backend.graph("estimator"), backend.graph("hift"))
 
     def encode(self, tokens: np.ndarray, embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        mu, spks = self._run(self.flow, {"tokens": np.asarray(tokens, np.int64)[None],
-                                         "embedding": np.asarray(embedding, np.float32)[None]})
+        mu, spks = self.flow.run({"tokens": np.asarray(tokens, np.int64)[None],
+                                  "embedding": np.asarray(embedding, np.float32)[None]})
         return mu[0], spks[0]
 
     def estimate(self, x: np.ndarray, mask: np.ndarray, mu: np.ndarray, t: np.ndarray, spks: np.ndarray,
                  cond: np.ndarray) -> np.ndarray:
-        feeds = {"x": x, "mask": mask, "mu": mu, "t": t, "spks": spks, "cond": cond}
-        return self._run(self.estimator, feeds)[0]
+        return self.estimator.run({"x": x, "mask": mask, "mu": mu, "t": t, "spks": spks, "cond": cond})[0]
 
     def vocode(self, mel: np.ndarray, phase: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        wav, _source, frame_phase = self._run(self.hift, {
+        wav, _source, frame_phase = self.hift.run({
             "mel": np.asarray(mel, np.float32)[None],
             "phase": np.asarray(phase, np.float32).reshape(1, -1, 1),
             "noise": np.asarray(noise, np.float32)[None]})
         return wav[0], frame_phase[0]
+
+
+class OrtToken2Wav(GraphToken2Wav):
+    """GraphToken2Wav on onnxruntime sessions (what the benchmarks time on its own)."""
+
+    def __init__(self, bundle: Bundle, providers: list[str], threads: int):
+        super().__init__(DecoderSpec(**bundle.manifest["token2wav"]["spec"]),
+                         *(OrtGraph(make_session(bundle.graph_path(name), providers, threads))
+                           for name in ("flow", "estimator", "hift")))
 
 
 class AudioTooLong(ValueError):
@@ -161,21 +221,24 @@ class AudioTooLong(ValueError):
 class VoiceEngine:
     """A loaded bundle, ready to answer turns. Not thread-safe: one turn at a time."""
 
-    def __init__(self, bundle: Bundle, providers: tuple[str, ...] = ("cpu",), threads: int = 0):
+    def __init__(self, bundle: Bundle, providers: tuple[str, ...] = ("cpu",), threads: int = 0, *,
+                 backend: str | Backend = "onnxruntime", engines: str | None = None, cuda_graphs: bool = True):
+        """`backend`: "onnxruntime" (on `providers`: cpu, cuda, tensorrt EPs), "tensorrt" (the bundle's engine
+        set, picked for this GPU or by `engines` key; `cuda_graphs` replays each decode step as one CUDA graph),
+        or a backend object."""
         self.bundle = bundle
-        providers_ = resolve_providers(providers)
         m = bundle.manifest
+        self.backend = make_backend(backend, bundle, providers, threads, engines, cuda_graphs) \
+            if isinstance(backend, str) else backend
         self.prompt = PromptBuilder.from_folder(bundle.root)
         self.vocab = SpeechVocab.from_folder(bundle.root / "tts")
-        self.audio = make_session(bundle.graph_path("audio_encoder"), providers_, threads)
-        self.llm = CachedDecoder(make_session(bundle.graph_path("llm"), providers_, threads),
-                                 bundle.array("llm_embed"))
-        self.tts = CachedDecoder(make_session(bundle.graph_path("tts_lm"), providers_, threads),
-                                 bundle.array("tts_embed"))
-        self.tts_projection = make_session(bundle.graph_path("tts_projection"), providers_, threads)
-        self.speaker_projection = make_session(bundle.graph_path("speaker_projection"), providers_, threads)
+        self.audio = self.backend.graph("audio_encoder")
+        self.llm = self.backend.decoder("llm", bundle.array("llm_embed"))
+        self.tts = self.backend.decoder("tts_lm", bundle.array("tts_embed"))
+        self.tts_projection = self.backend.graph("tts_projection")
+        self.speaker_projection = self.backend.graph("speaker_projection")
         self.speaker_start = self.project_speaker(np.zeros(m["tts"]["speaker_dim"], np.float32))
-        self.token2wav = OrtToken2Wav(bundle, providers_, threads)
+        self.token2wav = GraphToken2Wav.from_backend(bundle, self.backend)
         g = m["generation"]
         self.defaults = GenerationDefaults(tuple(g["text_eos_ids"]), g["max_text_tokens"], g["speech_eos_id"],
                                            g["max_speech_tokens"])
@@ -183,18 +246,16 @@ class VoiceEngine:
     # -- small graphs --------------------------------------------------------------------------------
     def project_hidden(self, hidden: np.ndarray) -> np.ndarray:
         """LLM final-norm hidden states (k, D_llm) -> TTS LM inputs (k, D_tts)."""
-        return self.tts_projection.run(None, {"llm_hidden": hidden[None].astype(self.llm.embed_dtype)})[0][0]
+        return self.tts_projection.run({"llm_hidden": hidden[None]})[0][0]
 
     def project_speaker(self, speaker: np.ndarray) -> np.ndarray:
         """A speaker vector -> the TTS LM's first input (1, D_tts); zeros give the learned start vector."""
-        feed = speaker.reshape(1, 1, -1).astype(self.llm.embed_dtype)
-        return self.speaker_projection.run(None, {"speaker": feed})[0][0]
+        return self.speaker_projection.run({"speaker": speaker.reshape(1, 1, -1)})[0][0]
 
     def encode_audio(self, wav: np.ndarray) -> np.ndarray:
         """16 kHz mono samples -> the valid adapter embeddings (T, D_llm)."""
         features, length = audio_features(wav)
-        embeds, valid = self.audio.run(None, {"input_features": features.astype(self.llm.embed_dtype),
-                                              "feature_length": np.array([length], np.int64)})
+        embeds, valid = self.audio.run({"input_features": features, "feature_length": np.array([length], np.int64)})
         return embeds[0, : int(valid[0])]
 
     # -- one turn ------------------------------------------------------------------------------------
