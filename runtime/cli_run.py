@@ -21,8 +21,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="reply audio file (wav, 22.05 kHz)")
     p.add_argument("--play", action="store_true", help="play the reply on the speaker as it streams")
     add_decode_arguments(p)
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                   help="onnxruntime (the bundle's ONNX graphs, on --provider) or tensorrt (the bundle's engines "
+                        "from `opens2s-edge build`, run natively with cuda-python); default onnxruntime")
     p.add_argument("--provider", action="append", default=None, choices=["cpu", "cuda", "tensorrt"],
                    help="onnxruntime execution provider (repeatable, in priority order; default cpu)")
+    p.add_argument("--engines", metavar="KEY", default=None,
+                   help="--backend tensorrt: the engine set to use (a folder name under BUNDLE/engines/); "
+                        "default: the one built for this GPU and TensorRT")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="--backend tensorrt: launch every decode step instead of replaying a captured CUDA graph")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = onnxruntime default)")
     p.add_argument("--json", action="store_true",
                    help="print {text, text_ids, speech_ids, speech_units, latency} instead of streaming text")
@@ -53,7 +61,13 @@ def main(args: argparse.Namespace) -> int:
             wav = record(args.mic)
         else:
             wav = load_wav(args.audio)
-        engine = VoiceEngine(load_bundle(args.bundle), tuple(args.provider or ["cpu"]), args.threads)
+        if args.backend == "tensorrt" and args.provider:
+            raise UserError("--provider chooses onnxruntime's execution providers; --backend tensorrt runs the "
+                            "bundle's engines directly (drop --provider, or use --backend onnxruntime)")
+        if args.backend != "tensorrt" and (args.engines or args.no_cuda_graphs):
+            raise UserError("--engines and --no-cuda-graphs apply to --backend tensorrt")
+        engine = VoiceEngine(load_bundle(args.bundle), tuple(args.provider or ["cpu"]), args.threads,
+                             backend=args.backend, engines=args.engines, cuda_graphs=not args.no_cuda_graphs)
         options = decode_options_from_args(args, TurnOptions)
     except (AudioInputError, AudioDeviceError, BundleError, BackendError, ValueError) as exc:
         raise UserError(str(exc)) from exc
@@ -71,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
                     speaker.play(event.pcm)
                 elif isinstance(event, TurnDone):
                     done = event
-    except AudioDeviceError as exc:
+    except (AudioDeviceError, BackendError) as exc:  # mid-turn: e.g. an input outside the engines' profiles
         raise UserError(str(exc)) from exc
     assert done is not None
     if args.out is not None:
