@@ -24,7 +24,10 @@ _DATA_INPUTS = {"Gather": 1, "GatherElements": 1, "GatherND": 1, "ScatterElement
                 "TensorScatter": 2, "Einsum": 99, "CumSum": 1, "TopK": 1, "ReduceSum": 1, "ReduceMean": 1,
                 "ReduceMax": 1, "OneHot": 0,
                 # Q, K, V carry the listed types; attn_mask is BOOL or Q's float type (ONNX and TensorRT alike).
-                "Attention": 3}
+                "Attention": 3,
+                # Q/DQ (quantized graphs from ModelOpt): the listed types are x's; the scale is float, the zero point
+                # the quantized type.
+                "QuantizeLinear": 1, "DequantizeLinear": 1}
 # A copy of shared/reference/tensorrt_onnx_operators.tsv ships with the package (tests keep them equal).
 DEFAULT_TSV = Path(opens2s_edge.__file__).resolve().parent / "assets" / "tensorrt_onnx_operators.tsv"
 

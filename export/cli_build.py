@@ -15,10 +15,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .trt_build import PRECISIONS, TARGETS
 
     p.add_argument("bundle", type=Path, help="bundle folder written by `opens2s-edge export`")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp16",
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="fp32/fp16/bf16: the bundle's own dtype (export it with that --dtype); fp8/int8/int4-weight: "
                         "the LLM, TTS LM (and audio encoder for fp8/int8) quantized with NVIDIA ModelOpt, the rest "
-                        "at the bundle's dtype (default fp16)")
+                        "at the bundle's dtype (default: the bundle's dtype)")
     p.add_argument("--target", choices=TARGETS, default="auto",
                    help="orin (Jetson; JetPack 6.2's TensorRT 10.3 needs the classic form), rtx (desktop), or auto "
                         "(read the GPU and TensorRT version); default auto")

@@ -289,7 +289,11 @@ def quantize_bundle_graphs(bundle: Bundle, graphs: Sequence[str], precision: str
     import_modelopt()  # fail before the calibration turn, not after
     t0 = time.perf_counter()
     progress(f"[quantize] recording calibration inputs of {', '.join(graphs)} on onnxruntime")
-    samples = collect_calibration(bundle, graphs, wavs)
+    import onnxruntime as ort
+
+    # The calibration turns run on the GPU when this onnxruntime can (onnxruntime-gpu), else on the CPU.
+    providers = ("cuda",) if "CUDAExecutionProvider" in ort.get_available_providers() else ("cpu",)
+    samples = collect_calibration(bundle, graphs, wavs, providers=providers)
     save_calibration(npz, samples)
     progress(f"[quantize] {sum(len(v) for v in samples.values())} samples saved to {npz.name} "
              f"({time.perf_counter() - t0:.1f} s)")

@@ -185,13 +185,14 @@ class BuildPlan:
         return out
 
 
-def plan_build(bundle_path: Path, precision: str = "fp16", target: str = "auto", graphs: list[str] | None = None,
+def plan_build(bundle_path: Path, precision: str | None = None, target: str = "auto", graphs: list[str] | None = None,
                gpu: GpuInfo | None = None, trt_version: str | None = None, stream: StreamConfig | None = None,
                tsv: Path = DEFAULT_TSV, verify: bool = True) -> BuildPlan:
     """Everything that can be checked without TensorRT; raises BuildError (or BundleError) on the first refusal
     except readiness, whose problems are collected per graph (see `require_ready`)."""
     bundle = load_bundle(bundle_path, verify=verify)
     manifest = bundle.manifest
+    precision = precision or manifest.get("dtype", "fp16")  # default: the precision the bundle was exported in
     check_precision(manifest, bundle.root, precision)
     names = list(manifest["graphs"]) if not graphs else list(graphs)
     unknown = [g for g in names if g not in manifest["graphs"]]

@@ -17,6 +17,7 @@ import onnx
 import pytest
 
 from opens2s_edge.cli import main as cli_main
+from opens2s_edge.export.checks import tensorrt_readiness
 from opens2s_edge.export.trt_build import (
     BuildError,
     check_precision,
@@ -389,6 +390,7 @@ def test_int8_quantization_runs_on_onnxruntime_cpu(bundle_copy: Path, tmp_path: 
     load_bundle(bundle_copy)  # ModelOpt worked on a copy: the bundle's files are unchanged
     ops = [n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node]
     assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
+    assert tensorrt_readiness(out) == []  # the Q/DQ graph is what `build` hands to TensorRT's parser
     feeds = _reader(samples["llm"], inputs).get_first()
     prefix = {**feeds, "inputs_embeds": feeds["inputs_embeds"][:, :13]}  # another length than calibrated
     for f in (feeds, prefix):
