@@ -437,7 +437,8 @@ class _Runner:
         trt, cudart = self.trt, self.cudart
         ctx = self.engine.create_execution_context()
         stream = self._ok(cudart.cudaStreamCreate())
-        ctx.set_optimization_profile_async(profile, stream)
+        handle = int(stream)  # TensorRT takes the raw cudaStream_t value
+        ctx.set_optimization_profile_async(profile, handle)
         buffers, outputs = [], {}
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         for name in names:
@@ -456,7 +457,7 @@ class _Runner:
                 ctx.set_tensor_address(name, ptr)
                 buffers.append(ptr)
                 outputs[name] = (arr, ptr)
-        assert ctx.execute_async_v3(stream)
+        assert ctx.execute_async_v3(handle)
         self._ok(cudart.cudaStreamSynchronize(stream))
         result = {}
         for name, (arr, ptr) in outputs.items():
