@@ -20,8 +20,8 @@ from . import llm_peers, peers
 from .harness import PeerFailed, machine_description, run_isolated, summarize
 from .roofline import DecoderShape, decode_bound, fraction_of_bound, memory_bandwidth
 
-TURN_PEERS = ("reference", "torch", "ort")
-ALL_PEERS = ("reference", "torch", "ort", "genai", "optimum")
+TURN_PEERS = ("reference", "torch", "ort", "trt")
+ALL_PEERS = ("reference", "torch", "ort", "trt", "genai", "optimum")
 NEEDS_CHECKPOINT = ("reference", "torch", "genai", "optimum")
 
 
@@ -231,6 +231,14 @@ def roofline(config: BenchConfig, manifest: dict, bandwidth: float, turn_stats: 
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
+def _skip_reason(exc: PeerFailed) -> str | None:
+    """The reason a peer process gave for not running here (PeerSkipped), or None if it failed."""
+    message = str(exc)
+    if "PeerSkipped: " not in message:
+        return None
+    return message.split("PeerSkipped: ", 1)[1].split("\nTraceback")[0].strip()
+
+
 def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
     from opens2s_edge.runtime.bundle import load_bundle
 
@@ -257,8 +265,13 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
         try:
             turn_raw[name] = run_isolated(peers.TURN_PEERS[name], base)
         except PeerFailed as exc:
-            failed[name] = str(exc)
-            progress(f"[bench] turn peer {name} failed: {str(exc).splitlines()[0]}")
+            reason = _skip_reason(exc)
+            if reason is not None:
+                skipped[name] = reason
+                progress(f"[bench] turn peer {name} skipped: {reason[:200]}")
+            else:
+                failed[name] = str(exc)
+                progress(f"[bench] turn peer {name} failed: {str(exc).splitlines()[0]}")
             continue
         progress(f"[bench] turn peer {name}: done in {time.perf_counter() - t0:.1f} s")
 
@@ -283,14 +296,13 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
         try:
             llm_alone[label] = run_isolated(llm_peers.LLM_PEERS[name], {**llm_config, **extra})
         except PeerFailed as exc:
-            message = str(exc)
-            reason = message.split("PeerSkipped: ", 1)[1] if "PeerSkipped: " in message else None
+            reason = _skip_reason(exc)
             if reason is not None:
-                skipped[f"llm:{label}"] = reason.split("\nTraceback")[0].strip()
-                progress(f"[bench] {label} skipped: {skipped[f'llm:{label}'][:200]}")
+                skipped[f"llm:{label}"] = reason
+                progress(f"[bench] {label} skipped: {reason[:200]}")
             else:
-                failed[f"llm:{label}"] = message
-                progress(f"[bench] {label} failed: {message.splitlines()[0]}")
+                failed[f"llm:{label}"] = str(exc)
+                progress(f"[bench] {label} failed: {str(exc).splitlines()[0]}")
 
     progress(f"[bench] token2wav per-chunk cost over {workload.token2wav_tokens} tokens")
     t2w_config = {**base, "tokens": workload.token2wav_tokens,

@@ -15,8 +15,16 @@ from typing import Any
 
 @dataclass
 class Call:
+    """One decoder call. A decode step is a single position unless the pipeline says otherwise (`step`):
+    the TTS LM's first input is one position but a feed, not a sampled token."""
+
     positions: int
     seconds: float
+    step: bool | None = None
+
+    @property
+    def is_step(self) -> bool:
+        return self.positions == 1 if self.step is None else self.step
 
 
 @dataclass
@@ -55,10 +63,10 @@ class TurnTimings:
     units_pushed: int = 0
 
     def components(self) -> dict[str, Any]:
-        prefill = [c for c in self.llm if c.positions > 1]
-        llm_steps = [c for c in self.llm if c.positions == 1]
-        tts_steps = [c for c in self.tts if c.positions == 1]
-        tts_feeds = [c for c in self.tts if c.positions > 1]
+        prefill = [c for c in self.llm if not c.is_step]
+        llm_steps = [c for c in self.llm if c.is_step]
+        tts_steps = [c for c in self.tts if c.is_step]
+        tts_feeds = [c for c in self.tts if not c.is_step]
         return {
             "audio_encoder_s": self.audio_encoder_s,
             "llm_prefill_s": prefill[0].seconds if prefill else None,

@@ -106,14 +106,21 @@ def write_hf_llm(checkpoint: Path, out: Path) -> Path:
 
 
 # -- ours -------------------------------------------------------------------------------------------------------
-def ort_llm(config: dict) -> dict[str, Any]:
+def runtime_llm(config: dict, backend_name: str) -> dict[str, Any]:
+    """Our runtime's LLM decoder alone, on onnxruntime (`ort`) or on the bundle's TensorRT engine (`trt`)."""
     from opens2s_edge.runtime.bundle import load_bundle
-    from opens2s_edge.runtime.onnx_backend import CachedDecoder, make_session, resolve_providers
+    from opens2s_edge.runtime.engine import make_backend
+    from opens2s_edge.runtime.onnx_backend import BackendError
 
     bundle = load_bundle(config["bundle"], verify=False)
     t0 = time.perf_counter()
-    session = make_session(bundle.graph_path("llm"), resolve_providers(config["providers"]), config["threads"])
-    decoder = CachedDecoder(session, bundle.array("llm_embed"))
+    try:
+        backend = make_backend(backend_name, bundle, config["providers"], config["threads"])
+    except BackendError as exc:
+        if backend_name == "onnxruntime":
+            raise
+        raise PeerSkipped(str(exc)) from exc
+    decoder = backend.decoder("llm", bundle.array("llm_embed"))
     load_s = time.perf_counter() - t0
     ids = config["prompt_ids"]
 
@@ -127,27 +134,42 @@ def ort_llm(config: dict) -> dict[str, Any]:
                 logits = decoder.run(decoder.embed(out[-1:]))["logits"]
         return out
 
-    return {"load_s": load_s, "precision": bundle.manifest["dtype"],
+    return {"load_s": load_s, "precision": bundle.manifest["dtype"], "backend": backend.describe(),
             **time_decode(generate, config["new_tokens"], config["runs"], config["warmup"])}
+
+
+def ort_llm(config: dict) -> dict[str, Any]:
+    return runtime_llm(config, "onnxruntime")
+
+
+def trt_llm(config: dict) -> dict[str, Any]:
+    return runtime_llm(config, "tensorrt")
 
 
 def torch_llm(config: dict) -> dict[str, Any]:
     import torch
 
     from opens2s_edge.training.checkpoint import load_checkpoint
+    from opens2s_edge.training.cuda_backend import StaticDecodeStep
     from opens2s_edge.training.generate import TorchTextDecoder
+
+    from .peers import _on_gpu
 
     if config["threads"]:
         torch.set_num_threads(config["threads"])
+    # On a GPU: bf16 with the decode step replayed as a CUDA graph, as `generate --device cuda` runs it.
+    device = torch.device("cuda" if _on_gpu(config) else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.perf_counter()
-    model = load_checkpoint(config["checkpoint"])
+    model = load_checkpoint(config["checkpoint"], dtype=dtype, device=device)
     model.llm_model.setup_cache(len(config["prompt_ids"]) + config["new_tokens"] + 1)
+    step = StaticDecodeStep(model.llm_model, "graph") if device.type == "cuda" else None
     load_s = time.perf_counter() - t0
-    embeds = model.llm_model.embed(torch.tensor(config["prompt_ids"]))[None]
+    embeds = model.llm_model.embed(torch.tensor(config["prompt_ids"], device=device))[None]
 
     @torch.inference_mode()
     def generate(n: int) -> list[int]:
-        dec = TorchTextDecoder(model, embeds)
+        dec = TorchTextDecoder(model, embeds, step)
         logits, _ = dec.prefill()
         out = []
         for i in range(n):
@@ -156,7 +178,8 @@ def torch_llm(config: dict) -> dict[str, Any]:
                 logits, _ = dec.step(out[-1])
         return out
 
-    return {"load_s": load_s, "precision": "fp32", "torch_threads": torch.get_num_threads(),
+    return {"load_s": load_s, "precision": "bf16" if device.type == "cuda" else "fp32", "device": str(device),
+            "torch_threads": torch.get_num_threads(),
             **time_decode(generate, config["new_tokens"], config["runs"], config["warmup"])}
 
 
@@ -166,16 +189,18 @@ def reference_llm(config: dict) -> dict[str, Any]:
 
     from opens2s_edge.training.checkpoint import load_checkpoint
 
-    from .peers import hf_causal_lm
+    from .peers import _on_gpu, hf_causal_lm
 
     transformers.logging.set_verbosity_error()
     if config["threads"]:
         torch.set_num_threads(config["threads"])
+    device = torch.device("cuda" if _on_gpu(config) else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.perf_counter()
-    ours = load_checkpoint(config["checkpoint"])
-    model = hf_causal_lm(ours.config.raw["llm_config"], ours.llm_model.state_dict())
+    ours = load_checkpoint(config["checkpoint"], dtype=dtype, device=device)
+    model = hf_causal_lm(ours.config.raw["llm_config"], ours.llm_model.state_dict()).to(device)
     load_s = time.perf_counter() - t0
-    ids = torch.tensor([config["prompt_ids"]])
+    ids = torch.tensor([config["prompt_ids"]], device=device)
 
     @torch.inference_mode()
     def generate(n: int) -> list[int]:
@@ -183,7 +208,8 @@ def reference_llm(config: dict) -> dict[str, Any]:
                              min_new_tokens=n, do_sample=False, pad_token_id=0)
         return out[0, ids.shape[1]:].tolist()
 
-    return {"load_s": load_s, "precision": "fp32", "transformers": transformers.__version__,
+    return {"load_s": load_s, "precision": "bf16" if device.type == "cuda" else "fp32", "device": str(device),
+            "transformers": transformers.__version__,
             **time_decode(generate, config["new_tokens"], config["runs"], config["warmup"])}
 
 
@@ -311,5 +337,6 @@ def optimum_llm(config: dict) -> dict[str, Any]:
 
 
 LLM_PEERS: dict[str, Callable[[dict], dict[str, Any]]] = {
-    "ort": ort_llm, "torch": torch_llm, "reference": reference_llm, "genai": genai_llm, "optimum": optimum_llm,
+    "ort": ort_llm, "trt": trt_llm, "torch": torch_llm, "reference": reference_llm, "genai": genai_llm,
+    "optimum": optimum_llm,
 }

@@ -8,7 +8,9 @@ vocabulary as the reference does, so every peer can reach the same ids):
   The reference runs generation on a second thread; here the token2wav chunk runs inline where the unit streamer
   receives the 24th unit (on a CPU the two threads would share the same cores).
 - `torch`: our PyTorch pipeline (training.generate.Generator, static KV caches) + our streaming token2wav.
-- `ort`: our torch-free runtime (runtime.engine.VoiceEngine) on the bundle.
+- `ort`: our torch-free runtime (runtime.engine.VoiceEngine) on the bundle, on onnxruntime.
+- `trt`: the same runtime on the bundle's TensorRT engines (`opens2s-edge build`); skipped with the reason where
+  TensorRT, cuda-python, a GPU or a matching engine set is missing.
 
 Each `*_turns(config)` is a module-level function run in its own process by the harness; it loads the peer,
 runs `warmup` untimed turns and `runs` timed ones, and returns a JSON-able dict.
@@ -23,7 +25,15 @@ from typing import Any
 import numpy as np
 
 from .harness import RssSampler
-from .instrument import Recorder, wrap
+from .instrument import Call, Recorder, wrap
+from .llm_peers import PeerSkipped
+
+
+def _on_gpu(config: dict) -> bool:
+    """PyTorch peers run on CUDA when the bench asks for a GPU provider and this torch sees a GPU."""
+    import torch
+
+    return bool({"cuda", "tensorrt"} & set(config["providers"])) and torch.cuda.is_available()
 
 
 def _threads(n: int) -> None:
@@ -64,15 +74,25 @@ def _load_wav(path: str) -> np.ndarray:
     return load_wav(path)
 
 
-# -- our onnxruntime runtime --------------------------------------------------------------------------------
-def ort_turns(config: dict) -> dict[str, Any]:
+# -- our torch-free runtime, on onnxruntime or on the bundle's TensorRT engines ----------------------------------
+def runtime_turns(config: dict, backend: str) -> dict[str, Any]:
     from opens2s_edge.runtime.bundle import load_bundle
     from opens2s_edge.runtime.engine import AudioChunk, TextDelta, TurnDone, TurnOptions, VoiceEngine
     from opens2s_edge.runtime.engine import SpeechToken as SpeechEvent
+    from opens2s_edge.runtime.onnx_backend import BackendError
 
     t_setup = time.perf_counter()
     bundle = load_bundle(config["bundle"], verify=False)
-    engine = VoiceEngine(bundle, tuple(config["providers"]), config["threads"])
+    try:
+        if backend == "onnxruntime":
+            engine = VoiceEngine(bundle, tuple(config["providers"]), config["threads"])
+        else:
+            engine = VoiceEngine(bundle, backend=backend)
+    except BackendError as exc:
+        if backend == "onnxruntime":
+            raise
+        # No TensorRT, no GPU or no engine set for this GPU: a reason to report, not a failure.
+        raise PeerSkipped(str(exc)) from exc
     setup_s = time.perf_counter() - t_setup
     rec = Recorder()
     wrap(engine.audio, "run", rec.audio)
@@ -105,8 +125,20 @@ def ort_turns(config: dict) -> dict[str, Any]:
         record["stopped"] = done.stopped
         return record
 
-    return _run_turns(setup_s, turn, config, {"providers": engine.llm.session.get_providers(),
-                                              "dtype": bundle.manifest["dtype"], "form": bundle.manifest["form"]})
+    extra = {"backend": backend, "dtype": bundle.manifest["dtype"], "form": bundle.manifest["form"]}
+    if backend == "onnxruntime":
+        extra["providers"] = engine.llm.session.get_providers()
+    else:
+        extra["engine"] = engine.backend.describe()
+    return _run_turns(setup_s, turn, config, extra)
+
+
+def ort_turns(config: dict) -> dict[str, Any]:
+    return runtime_turns(config, "onnxruntime")
+
+
+def trt_turns(config: dict) -> dict[str, Any]:
+    return runtime_turns(config, "tensorrt")
 
 
 # -- our PyTorch path ---------------------------------------------------------------------------------------
@@ -115,20 +147,33 @@ def torch_turns(config: dict) -> dict[str, Any]:
 
     from opens2s_edge.runtime.decoding import DecodeOptions
     from opens2s_edge.runtime.token2wav_stream import StreamConfig, Token2WavStream
-    from opens2s_edge.training.generate import Generator
+    from opens2s_edge.training.generate import Generator, StepTiming
     from opens2s_edge.training.token2wav.decoder import load_decoder
 
     _threads(config["threads"])
+    # On a GPU machine asked to bench a GPU provider, our PyTorch path runs as a user there would run it:
+    # CUDA, bf16, decode steps replayed as CUDA graphs captured before the first turn.
+    on_gpu = _on_gpu(config)
     t_setup = time.perf_counter()
-    gen = Generator(config["checkpoint"], max_context=config["max_context"])
-    decoder = load_decoder(config["decoder"])
+    if on_gpu:
+        gen = Generator(config["checkpoint"], max_context=config["max_context"], device="cuda", cuda_graphs=True)
+        gen.warmup()
+    else:
+        gen = Generator(config["checkpoint"], max_context=config["max_context"])
+    decoder = load_decoder(config["decoder"], device=gen.device)
     setup_s = time.perf_counter() - t_setup
     rec = Recorder()
-    model = gen.model
-    wrap(model, "encode_audio", rec.audio)
-    wrap(model.llm_model, "forward", rec.decoder("llm", lambda a, k: a[0].shape[1]))
-    wrap(model.tts_lm_model, "forward", rec.decoder("tts", lambda a, k: a[0].shape[1]))
     rec.instrument_token2wav(decoder.backend)
+
+    # The Generator times its own pieces host to host (a CUDA graph replay is not a module call a wrapper sees).
+    def on_step(timing: StepTiming) -> None:
+        if timing.kind == "audio":
+            rec.turn.audio_encoder_s += timing.seconds
+        elif timing.kind.startswith("llm_"):
+            rec.turn.llm.append(Call(timing.positions, timing.seconds, timing.kind == "llm_step"))
+        elif timing.kind.startswith("tts_"):
+            rec.turn.tts.append(Call(timing.positions, timing.seconds, timing.kind == "tts_step"))
+
     vocab = gen.vocab
     options = DecodeOptions(greedy=True, reference_sampling=True, max_text_tokens=config["max_text_tokens"],
                             max_speech_tokens=config["max_speech_tokens"], seed=0)
@@ -154,7 +199,7 @@ def torch_turns(config: dict) -> dict[str, Any]:
 
         t0 = time.perf_counter()
         with torch.inference_mode():
-            result = gen(wav, options, on_event)
+            result = gen(wav, options, on_event, on_step)
         tail = stream.finalize()
         if tail.size:
             first.setdefault("audio", time.perf_counter())
@@ -164,7 +209,8 @@ def torch_turns(config: dict) -> dict[str, Any]:
         return _turn_record(t0, first.get("text"), first.get("audio"), end, samples, decoder.sample_rate,
                             result.text_ids, result.speech_ids, rec)
 
-    return _run_turns(setup_s, turn, config, {"torch_threads": torch.get_num_threads()})
+    return _run_turns(setup_s, turn, config, {"torch_threads": torch.get_num_threads(), "device": str(gen.device),
+                                              "dtype": str(gen.dtype), "step_mode": gen.step_mode})
 
 
 # -- the reference's algorithm on transformers ----------------------------------------------------------------
@@ -232,7 +278,9 @@ class _UnitSink:
 class ReferencePipeline:
     """OmniSpeechModel.generate(units_gen=True) on transformers' generate, per interleave chunk."""
 
-    def __init__(self, checkpoint: str, decoder_dir: str):
+    def __init__(self, checkpoint: str, decoder_dir: str, device: str = "cpu"):
+        import torch
+
         from opens2s_edge.runtime.prompt import PromptBuilder, SpeechVocab
         from opens2s_edge.training.checkpoint import load_checkpoint, read_generation_defaults
         from opens2s_edge.training.token2wav.decoder import load_decoder
@@ -240,16 +288,19 @@ class ReferencePipeline:
         folder = Path(checkpoint)
         # Our modules supply what the reference computes outside its two LMs (audio encoder + adapter, llm2tts,
         # llm_ln, the speaker head): same weights, same functions.
-        self.model = load_checkpoint(folder)
+        # On a GPU in bf16, as the reference serves; fp32 on a CPU.
+        self.device = torch.device(device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = load_checkpoint(folder, dtype=self.dtype, device=self.device)
         raw = self.model.config.raw
-        self.llm = hf_causal_lm(raw["llm_config"], self.model.llm_model.state_dict())
-        self.tts = hf_causal_lm(raw["tts_lm_config"], self.model.tts_lm_model.state_dict())
+        self.llm = hf_causal_lm(raw["llm_config"], self.model.llm_model.state_dict()).to(self.device)
+        self.tts = hf_causal_lm(raw["tts_lm_config"], self.model.tts_lm_model.state_dict()).to(self.device)
         self.prompt = PromptBuilder.from_folder(folder)
         self.vocab = SpeechVocab.from_folder(folder / "tts")
         self.defaults = read_generation_defaults(folder)
         m, n = (int(x) for x in self.model.config.interleave_strategy.split(":"))
         self.text_span, self.speech_span = m, n
-        self.decoder = load_decoder(decoder_dir)
+        self.decoder = load_decoder(decoder_dir, device=self.device)
 
     def turn(self, wav: np.ndarray, max_text: int, max_speech: int, rec: Recorder) -> dict[str, Any]:
         import torch
@@ -266,9 +317,11 @@ class ReferencePipeline:
         t0 = time.perf_counter()
         with torch.inference_mode():
             features, length = audio_features(wav)
-            audio_embeds = model.encode_audio(torch.from_numpy(features), torch.tensor([length]))
+            audio_embeds = model.encode_audio(torch.from_numpy(features).to(self.device, self.dtype),
+                                              torch.tensor([length], device=self.device))
             inputs_embeds = model.splice_prompt(self.prompt.prompt_ids(), audio_embeds, AUDIO_PLACEHOLDER_ID)
-            spk = model.tts_lm_model.speaker_input(torch.zeros(1, 1, SPEAKER_DIM))
+            spk = model.tts_lm_model.speaker_input(torch.zeros(1, 1, SPEAKER_DIM, device=self.device,
+                                                               dtype=self.dtype))
             gen_cfg = GenerationConfig(max_new_tokens=max_text, eos_token_id=eos, do_sample=False,
                                        pad_token_id=eos[0])
             tts_cfg = GenerationConfig(max_new_tokens=max_speech, eos_token_id=self.defaults.speech_eos_id,
@@ -336,7 +389,7 @@ def reference_turns(config: dict) -> dict[str, Any]:
     _threads(config["threads"])
     transformers.logging.set_verbosity_error()
     t_setup = time.perf_counter()
-    pipe = ReferencePipeline(config["checkpoint"], config["decoder"])
+    pipe = ReferencePipeline(config["checkpoint"], config["decoder"], "cuda" if _on_gpu(config) else "cpu")
     setup_s = time.perf_counter() - t_setup
     rec = Recorder()
     wrap(pipe.model, "encode_audio", rec.audio)
@@ -352,4 +405,4 @@ def reference_turns(config: dict) -> dict[str, Any]:
                                               "transformers": transformers.__version__})
 
 
-TURN_PEERS = {"reference": reference_turns, "torch": torch_turns, "ort": ort_turns}
+TURN_PEERS = {"reference": reference_turns, "torch": torch_turns, "ort": ort_turns, "trt": trt_turns}

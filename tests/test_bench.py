@@ -78,11 +78,15 @@ def test_bench_without_checkpoint_reports_skipped_peers(tiny_bundle: Path, tmp_p
     from opens2s_edge.benchmarks.cli_bench import DEFAULT_AUDIO
 
     config = BenchConfig(bundle=tiny_bundle, checkpoint=None, decoder=None, audio=DEFAULT_AUDIO, out=tmp_path,
-                         preset="tiny", peers=("torch", "ort", "genai"), runs=1, warmup=0, threads=1,
+                         preset="tiny", peers=("torch", "ort", "trt", "genai"), runs=1, warmup=0, threads=1,
                          cache_root=tmp_path / "cache")
     result = run_bench(config, progress=lambda _: None)
     assert "checkpoint" in result["skipped"]["torch"]
     assert "checkpoint" in result["skipped"]["llm:genai-fp32"]
+    # The bundle has no TensorRT engines (and this machine may have no TensorRT): a stated reason, no numbers.
+    for key in ("trt", "llm:trt"):
+        assert any(word in result["skipped"][key] for word in ("TensorRT", "tensorrt", "engine")), result["skipped"]
+    assert result["failed"] == {}
     assert set(result["turn"]["stats"]) == {"ort"} and "torch" not in result["llm_alone"]["peers"]
 
 
