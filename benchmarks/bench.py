@@ -18,11 +18,14 @@ import numpy as np
 
 from . import llm_peers, peers
 from .harness import PeerFailed, machine_description, run_isolated, summarize
-from .roofline import DecoderShape, decode_bound, fraction_of_bound, memory_bandwidth
+from .roofline import DecoderShape, decode_bound, device_bandwidth, fraction_of_bound, memory_bandwidth
 
 TURN_PEERS = ("reference", "torch", "ort", "trt")
 ALL_PEERS = ("reference", "torch", "ort", "trt", "genai", "optimum")
 NEEDS_CHECKPOINT = ("reference", "torch", "genai", "optimum")
+# LLM-alone peers that run on the CPU whatever --providers says (their CPU packages): host-RAM bandwidth is their
+# floor even in a GPU run.
+HOST_ONLY_PEERS = ("genai", "optimum")
 
 
 @dataclass(frozen=True)
@@ -177,11 +180,16 @@ def _graph_weight_bytes(bundle: Path, manifest: dict, graph: str) -> int:
 
 
 def roofline(config: BenchConfig, manifest: dict, bandwidth: float, turn_stats: dict[str, dict],
-             turn_raw: dict[str, dict], llm_alone: dict[str, dict], workload: Workload) -> dict[str, Any]:
-    """Bytes each decode step must read and the tokens/s bound, per decoder, with each peer's fraction of it."""
+             turn_raw: dict[str, dict], llm_alone: dict[str, dict], workload: Workload,
+             host_bandwidth: float | None = None) -> dict[str, Any]:
+    """Bytes each decode step must read and the tokens/s bound, per decoder, with each peer's fraction of it.
+    `bandwidth` is the memory the decoders read from (device memory in a GPU run); `host_bandwidth`, when given,
+    is the floor of the LLM-alone peers that stay on the CPU."""
     shapes = _decoder_shapes(config, manifest)
     weight_dtype = manifest.get("dtype", "fp32")
-    result: dict[str, Any] = {"bandwidth_bytes_per_s": bandwidth, "weight_dtype": weight_dtype, "decoders": {}}
+    host_bandwidth = host_bandwidth or bandwidth
+    result: dict[str, Any] = {"bandwidth_bytes_per_s": bandwidth, "host_bandwidth_bytes_per_s": host_bandwidth,
+                              "weight_dtype": weight_dtype, "decoders": {}}
     for decoder, graph, metric in (("llm", "llm", "llm_decode_tok_s"), ("tts", "tts_lm", "tts_decode_tok_s")):
         m = manifest[decoder]
         # Mean context a decode step attends to over a turn (first timed run of any turn peer).
@@ -218,11 +226,11 @@ def roofline(config: BenchConfig, manifest: dict, bandwidth: float, turn_stats: 
             ctx = workload.llm_prompt_tokens + workload.llm_new_tokens / 2
             for peer, res in llm_alone.items():
                 precision = res.get("precision", weight_dtype)
+                bw = host_bandwidth if peer.split("-")[0] in HOST_ONLY_PEERS else bandwidth
                 if shapes is not None:
-                    b = decode_bound(shapes["llm"], ctx, precision, "fp32" if precision == "int4" else precision,
-                                     bandwidth)
+                    b = decode_bound(shapes["llm"], ctx, precision, "fp32" if precision == "int4" else precision, bw)
                 else:
-                    b = {**bound, "bound_tokens_per_s": bound["bound_tokens_per_s"]}
+                    b = {**bound, "bound_tokens_per_s": bw / bound["bytes_per_step"]}
                 entry["peers"][f"alone:{peer}"] = {"tokens_per_s": res.get("decode_tok_s"), "context": ctx,
                                                    "bound_tokens_per_s": b["bound_tokens_per_s"],
                                                    "fraction": fraction_of_bound(res.get("decode_tok_s"), b)}
@@ -316,7 +324,16 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
         failed["token2wav_cost"] = str(exc)
         token2wav = {}
     bw_after = memory_bandwidth()
-    bandwidth = max(bw_before["bytes_per_s"], bw_after["bytes_per_s"])
+    host_bandwidth = max(bw_before["bytes_per_s"], bw_after["bytes_per_s"])
+    bandwidth, device_bw = host_bandwidth, None
+    if set(config.providers) & {"cuda", "tensorrt"} and machine_description()["gpu"]:
+        # Our decoders run on the GPU here: their floor is device-memory bandwidth, measured the same way.
+        progress("[bench] measuring device memory bandwidth")
+        try:
+            device_bw = run_isolated(device_bandwidth, {})
+            bandwidth = device_bw["bytes_per_s"]
+        except PeerFailed as exc:
+            failed["device_bandwidth"] = str(exc)
 
     turn_stats = {p: summarize_turns(r) for p, r in turn_raw.items()}
     for p, r in turn_raw.items():
@@ -338,12 +355,14 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
         "config": {**base, "peers": list(config.peers), "workload": asdict(workload),
                    "bundle_dtype": manifest.get("dtype"), "bundle_form": manifest.get("form"),
                    "interleave_strategy": manifest.get("interleave_strategy")},
-        "memory_bandwidth": {"before": bw_before, "after": bw_after, "bytes_per_s": bandwidth},
+        "memory_bandwidth": {"before": bw_before, "after": bw_after, "bytes_per_s": host_bandwidth,
+                             "device": device_bw},
         "turn": {"stats": turn_stats, "ratios": turn_ratios, "ids_parity": _ids_parity(turn_raw), "raw": turn_raw},
         "llm_alone": {"prompt_tokens": workload.llm_prompt_tokens, "new_tokens": workload.llm_new_tokens,
                       "peers": llm_alone, "ratios": llm_ratios},
         "token2wav_chunks": token2wav,
-        "roofline": roofline(config, manifest, bandwidth, turn_stats, turn_raw, llm_alone, workload),
+        "roofline": roofline(config, manifest, bandwidth, turn_stats, turn_raw, llm_alone, workload,
+                             host_bandwidth),
         "skipped": skipped,
         "failed": failed,
     }

@@ -105,7 +105,9 @@ def format_report(result: dict[str, Any]) -> str:
                     for a in names]
             out += ["decode tok/s ratio (row / column)", _table(["", *names], rows)]
     roof = result["roofline"]
-    out += ["", f"Roofline: measured copy bandwidth {roof['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s"]
+    device = (result["memory_bandwidth"].get("device") or {}).get("device")
+    where = f"device memory of {device}" if device else "host memory"
+    out += ["", f"Roofline: measured copy bandwidth {roof['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s ({where})"]
     rows = []
     for name, d in roof["decoders"].items():
         for p, v in d["peers"].items():

@@ -35,6 +35,27 @@ def memory_bandwidth(megabytes: int = 512, repeats: int = 7) -> dict[str, float]
     return {"bytes_per_s": moved / best, "array_bytes": float(src.nbytes), "best_s": best, "repeats": repeats}
 
 
+def device_bandwidth(config: dict) -> dict[str, float]:
+    """Copy bandwidth of GPU memory in bytes/s (torch CUDA, timed with CUDA events): the floor for decoders that
+    run on the GPU, whose weights stream from device memory, not from host RAM. Run in its own process."""
+    import torch
+
+    megabytes, repeats = config.get("megabytes", 1024), config.get("repeats", 10)
+    src = torch.ones(megabytes * (1 << 20), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return {"bytes_per_s": 2 * src.numel() / best, "array_bytes": float(src.numel()), "best_s": best,
+            "repeats": repeats, "device": torch.cuda.get_device_name()}
+
+
 @dataclass(frozen=True)
 class DecoderShape:
     """The numbers of a Qwen3 decoder that fix its bytes per decode step."""
