@@ -106,9 +106,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(pos, k, v)
-            # Only the filled prefix is read: a view, no copy.
             end = mask.shape[-1]
-            k, v = k[:, :, :end], v[:, :, :end]
+            # Only the filled prefix is read: a view in PyTorch. The exported graphs read the whole cache
+            # under the mask, and there no Slice is emitted: onnxruntime's Slice copies even a full-length one.
+            if end < k.shape[2]:
+                k, v = k[:, :, :end], v[:, :, :end]
         # GQA as plain attention: the query heads that share a KV head are stacked along the rows, so no
         # copy of the cache is made (and the graph exports without SDPA's enable_gqa).
         group = self.n_heads // self.n_kv
