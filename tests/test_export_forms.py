@@ -111,6 +111,29 @@ def test_cache_is_updated_in_place(decoders, tiny_model, form: str, capfd) -> No
         assert "copying past_cache to present_cache" in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_decode_step_copies_no_cache(decoders, tiny_model, form: str, tmp_path: Path) -> None:
+    """onnxruntime's own profile of a decode step: apart from the in-place cache writes, no node produces a
+    tensor as large as a layer's cache (a Slice, Concat or Identity of the cache would copy it every token)."""
+    lm = tiny_model.llm_model
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "step")
+    session = ort.InferenceSession(str(decoders[form]), options, providers=["CPUExecutionProvider"])
+    decoder = CachedDecoder(session, lm.model.embed_tokens.weight.detach().numpy())
+    rng = np.random.default_rng(2)
+    decoder.run(rng.standard_normal((5, lm.config.hidden_size)).astype(np.float32))
+    decoder.run(rng.standard_normal((1, lm.config.hidden_size)).astype(np.float32))
+    events = json.loads(Path(session.end_profiling()).read_text())
+    cache_bytes = next(iter(decoder.cache.values())).nbytes
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    assert nodes, "the profile recorded no node"
+    large = {(e["args"]["op_name"], e["name"]) for e in nodes if int(e["args"].get("output_size", 0)) >= cache_bytes}
+    writes = {"ScatterElements", "TensorScatter"}
+    assert {op for op, _ in large} <= writes, sorted(name for op, name in large if op not in writes)
+
+
 @pytest.fixture(scope="module")
 def bundles(tiny_default: Path, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("form_bundles")
