@@ -41,9 +41,12 @@ def decoders(tiny_model, tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def _session(path: Path, log_severity: int = 3) -> ort.InferenceSession:
+def _session(path: Path, log_severity: int = 3, profile_prefix: Path | None = None) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = log_severity
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -116,11 +119,7 @@ def test_decode_step_copies_no_cache(decoders, tiny_model, form: str, tmp_path: 
     """onnxruntime's own profile of a decode step: apart from the in-place cache writes, no node produces a
     tensor as large as a layer's cache (a Slice, Concat or Identity of the cache would copy it every token)."""
     lm = tiny_model.llm_model
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.enable_profiling = True
-    options.profile_file_prefix = str(tmp_path / "step")
-    session = ort.InferenceSession(str(decoders[form]), options, providers=["CPUExecutionProvider"])
+    session = _session(decoders[form], profile_prefix=tmp_path / "step")
     decoder = CachedDecoder(session, lm.model.embed_tokens.weight.detach().numpy())
     rng = np.random.default_rng(2)
     decoder.run(rng.standard_normal((5, lm.config.hidden_size)).astype(np.float32))
