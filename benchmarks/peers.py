@@ -99,7 +99,6 @@ def runtime_turns(config: dict, backend: str) -> dict[str, Any]:
     wrap(engine.llm, "run", rec.decoder("llm", lambda a, k: a[0].shape[0]))
     wrap(engine.tts, "run", rec.decoder("tts", lambda a, k: a[0].shape[0]))
     rec.instrument_token2wav(engine.token2wav)
-    eos = engine.vocab.eos_id
     options = TurnOptions(greedy=True, reference_sampling=True, max_text_tokens=config["max_text_tokens"],
                           max_speech_tokens=config["max_speech_tokens"], seed=0)
 
@@ -111,7 +110,7 @@ def runtime_turns(config: dict, backend: str) -> dict[str, Any]:
         for event in engine.turn(wav, options):
             if isinstance(event, TextDelta) and first_text is None:
                 first_text = time.perf_counter()
-            elif isinstance(event, SpeechEvent) and event.token != eos:
+            elif isinstance(event, SpeechEvent) and not engine.vocab.is_eos(event.token):
                 rec.turn.units_pushed += 1
             elif isinstance(event, AudioChunk) and first_audio is None:
                 first_audio = time.perf_counter()
@@ -189,7 +188,7 @@ def torch_turns(config: dict) -> dict[str, Any]:
             if kind == "text":
                 first.setdefault("text", time.perf_counter())
                 return
-            if token == vocab.eos_id:
+            if vocab.is_eos(token):
                 return
             rec.turn.units_pushed += 1
             pcm = stream.push(vocab.to_units([token]))
@@ -251,7 +250,7 @@ class _UnitSink:
 
     def put(self, value: Any) -> None:
         for token in np.asarray(value.cpu() if hasattr(value, "cpu") else value).reshape(-1).tolist():
-            if token == self.vocab.eos_id:
+            if self.vocab.is_eos(token):
                 continue
             self.units.extend(self.vocab.to_units([int(token)]))
             self.rec.turn.units_pushed += 1
@@ -324,8 +323,8 @@ class ReferencePipeline:
                                                                dtype=self.dtype))
             gen_cfg = GenerationConfig(max_new_tokens=max_text, eos_token_id=eos, do_sample=False,
                                        pad_token_id=eos[0])
-            tts_cfg = GenerationConfig(max_new_tokens=max_speech, eos_token_id=self.defaults.speech_eos_id,
-                                       do_sample=False, pad_token_id=self.defaults.speech_eos_id)
+            tts_cfg = GenerationConfig(max_new_tokens=max_speech, eos_token_id=list(self.defaults.speech_eos_ids),
+                                       do_sample=False, pad_token_id=self.defaults.speech_eos_ids[0])
             max_new, tts_max_new = max_text, max_speech
             sequences, units = [], []
             tts_inputs = [spk]
@@ -369,7 +368,7 @@ class ReferencePipeline:
             sink.end()
         end = time.perf_counter()
         text_ids = torch.cat(sequences, dim=1)[0].tolist() if sequences else []
-        speech_ids = [i for i in (torch.cat(units, dim=1)[0].tolist() if units else []) if i != self.vocab.eos_id]
+        speech_ids = [i for i in (torch.cat(units, dim=1)[0].tolist() if units else []) if not self.vocab.is_eos(i)]
         samples = sum(p.shape[0] for p in sink.pieces)
         return _turn_record(t0, first_text, sink.first_audio, end, samples, self.decoder.sample_rate, text_ids,
                             speech_ids, rec)

@@ -18,7 +18,7 @@ class GenerationDefaults:
 
     text_eos_ids: tuple[int, ...]
     max_text_tokens: int
-    speech_eos_id: int
+    speech_eos_ids: tuple[int, ...]
     max_speech_tokens: int
 
 
@@ -46,7 +46,7 @@ def make_samplers(options: DecodeOptions, vocab: SpeechVocab) -> tuple[Sampler, 
                                    options.greedy)
     if options.reference_sampling:
         return text, Sampler(speech_config, rng)
-    return text, Sampler(speech_config, rng, (vocab.offset, vocab.offset + vocab.count), (vocab.eos_id,))
+    return text, Sampler(speech_config, rng, (vocab.offset, vocab.offset + vocab.count), vocab.eos_ids)
 
 
 def interleave_config(strategy: str, defaults: GenerationDefaults, options: DecodeOptions) -> InterleaveConfig:
@@ -56,7 +56,7 @@ def interleave_config(strategy: str, defaults: GenerationDefaults, options: Deco
         max_speech_tokens=(options.max_speech_tokens if options.max_speech_tokens is not None
                            else defaults.max_speech_tokens),
         text_eos_ids=tuple(defaults.text_eos_ids),
-        speech_eos_id=defaults.speech_eos_id,
+        speech_eos_ids=tuple(defaults.speech_eos_ids),
     )
 
 

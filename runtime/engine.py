@@ -231,7 +231,8 @@ class VoiceEngine:
         self.backend = make_backend(backend, bundle, providers, threads, engines, cuda_graphs) \
             if isinstance(backend, str) else backend
         self.prompt = PromptBuilder.from_folder(bundle.root)
-        self.vocab = SpeechVocab.from_folder(bundle.root / "tts")
+        t = m["speech_tokens"]
+        self.vocab = SpeechVocab(offset=t["offset"], eos_ids=tuple(t["eos_ids"]), count=t["count"])
         self.audio = self.backend.graph("audio_encoder")
         self.llm = self.backend.decoder("llm", bundle.array("llm_embed"))
         self.tts = self.backend.decoder("tts_lm", bundle.array("tts_embed"))
@@ -240,7 +241,7 @@ class VoiceEngine:
         self.speaker_start = self.project_speaker(np.zeros(m["tts"]["speaker_dim"], np.float32))
         self.token2wav = GraphToken2Wav.from_backend(bundle, self.backend)
         g = m["generation"]
-        self.defaults = GenerationDefaults(tuple(g["text_eos_ids"]), g["max_text_tokens"], g["speech_eos_id"],
+        self.defaults = GenerationDefaults(tuple(g["text_eos_ids"]), g["max_text_tokens"], tuple(g["speech_eos_ids"]),
                                            g["max_speech_tokens"])
 
     # -- small graphs --------------------------------------------------------------------------------
@@ -318,7 +319,7 @@ class VoiceEngine:
                     yield TextDelta(now, event.token, delta)
                 else:
                     yield SpeechToken(now, event.token)
-                    if event.token == self.vocab.eos_id:
+                    if self.vocab.is_eos(event.token):
                         continue
                     unit = self.vocab.to_units([event.token])
                     yield from emit_audio(stream.push(unit))
@@ -328,6 +329,6 @@ class VoiceEngine:
         audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
         latency.total_s = time.perf_counter() - t0
         latency.audio_s = audio.shape[0] / sample_rate
-        speech_ids = [i for i in result.speech_ids if i != self.vocab.eos_id]
+        speech_ids = [i for i in result.speech_ids if not self.vocab.is_eos(i)]
         yield TurnDone(latency.total_s, self.prompt.decode(result.text_ids), result.text_ids, speech_ids,
                        self.vocab.to_units(speech_ids), audio, sample_rate, latency, stopped)

@@ -53,7 +53,7 @@ class InterleaveConfig:
     max_text_tokens: int
     max_speech_tokens: int
     text_eos_ids: tuple[int, ...]
-    speech_eos_id: int
+    speech_eos_ids: tuple[int, ...]
 
     @classmethod
     def from_strategy(cls, strategy: str, **kwargs: object) -> InterleaveConfig:
@@ -101,9 +101,9 @@ def interleave(text: TextDecoder, speech: SpeechDecoder, cfg: InterleaveConfig, 
             result.speech_ids.append(token)
             speech_left -= 1
             yield Event("speech", token)
-            if text_done and (token == cfg.speech_eos_id or i == budget - 1):
+            if text_done and (token in cfg.speech_eos_ids or i == budget - 1):
                 return
             # Every speech token is fed back, EOS included, as the reference does before the next chunk.
             speech_logits = speech.step(token)
-            if token == cfg.speech_eos_id:
+            if token in cfg.speech_eos_ids:
                 break

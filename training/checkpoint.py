@@ -13,6 +13,7 @@ temporary folder that is renamed into place only when complete.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 
 from opens2s_edge.runtime.decoding import GenerationDefaults
 from opens2s_edge.runtime.files import atomic_dir, read_json
+from opens2s_edge.runtime.prompt import TokenizerError, eos_ids
 
 from .opens2s import OpenS2S, OpenS2SConfig
 from .weights import key_mismatches
@@ -32,8 +34,12 @@ ASSET_FILES = (
     *(f"tts/{name}" for name in (*TOKENIZER_FILES, "generation_config.json")),
     "audio/preprocessor_config.json",
 )
+# The slow-tokenizer files save_pretrained writes beside tokenizer.json: copied when present, never required.
+OPTIONAL_ASSET_FILES = tuple(f"{d}{n}" for d in ("", "tts/") for n in ("vocab.json", "merges.txt", "added_tokens.json"))
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -55,15 +61,17 @@ def read_config(folder: Path) -> OpenS2SConfig:
 
 
 def read_generation_defaults(folder: Path) -> GenerationDefaults:
-    llm = _read_json(folder / "generation_config.json")
-    tts = _read_json(folder / "tts" / "generation_config.json")
-    eos = llm.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
-    tts_eos = tts.get("eos_token_id")
-    tts_eos = tts_eos[0] if isinstance(tts_eos, list) else tts_eos
-    if None in eos_ids or tts_eos is None:
-        raise CheckpointError(f"generation_config.json files in {folder} must set eos_token_id")
-    return GenerationDefaults(eos_ids, int(llm.get("max_new_tokens") or 512), int(tts_eos),
+    """EOS ids (an int or a list in either file) and budgets; a missing budget is the reference's 512."""
+    llm_path, tts_path = folder / "generation_config.json", folder / "tts" / "generation_config.json"
+    llm, tts = _read_json(llm_path), _read_json(tts_path)
+    for path, config in ((llm_path, llm), (tts_path, tts)):
+        if "eos_token_id" not in config:
+            raise CheckpointError(f"{path} must set eos_token_id")
+    try:
+        text_eos, speech_eos = eos_ids(llm["eos_token_id"], str(llm_path)), eos_ids(tts["eos_token_id"], str(tts_path))
+    except TokenizerError as exc:
+        raise CheckpointError(str(exc)) from exc
+    return GenerationDefaults(text_eos, int(llm.get("max_new_tokens") or 512), speech_eos,
                               int(tts.get("max_new_tokens") or 512))
 
 
@@ -97,11 +105,14 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Raise CheckpointError naming every missing, unexpected and mis-shaped key."""
+    """Raise CheckpointError naming every missing, unexpected and mis-shaped key (an absent lm_head is tied)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problems = key_mismatches(expected, state, frozenset(_tied_keys(model)))
+    problems = key_mismatches(expected, state, frozenset(LM_HEAD_KEYS))
     if problems:
         raise CheckpointError(f"weights in {where} do not match config.json: " + " | ".join(problems))
+
+
+LM_HEAD_KEYS = ("llm_model.lm_head.weight", "tts_lm_model.lm_head.weight")
 
 
 def _tied_keys(model: torch.nn.Module) -> set[str]:
@@ -126,26 +137,34 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
     check_state_dict(model, state, str(folder))
     model.load_state_dict(state, strict=False, assign=True)
     for prefix, lm in (("llm_model.", model.llm_model), ("tts_lm_model.", model.tts_lm_model)):
-        if lm.config.tie_word_embeddings:
+        if prefix + "lm_head.weight" not in state:
+            if not lm.config.tie_word_embeddings:
+                # save_pretrained drops a tied lm_head and the reference then re-initialises it at random;
+                # tying it back is the only reading that keeps the trained weights.
+                log.warning("%s: %slm_head.weight is missing though the config is untied: tying it to the "
+                            "input embeddings", folder, prefix)
             lm.lm_head.weight = lm.model.embed_tokens.weight
-        elif prefix + "lm_head.weight" not in state:
-            raise CheckpointError(f"{folder}: {prefix}lm_head.weight missing and embeddings are not tied")
     return model.to(device=device, dtype=dtype).eval()
 
 
 def save_checkpoint(model: OpenS2S, out_dir: str | Path, assets_from: str | Path | None = None,
                     assets: dict[str, bytes] | None = None, max_shard_bytes: int = 5 << 30,
-                    overwrite: bool = False) -> Path:
-    """Write `model` as an OpenS2S folder. Tokenizer/generation/feature files come from `assets`
-    (relative path -> bytes) or are copied from the checkpoint folder `assets_from`."""
+                    overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Write `model` as an OpenS2S folder, its weights stored in `dtype` (default: as the model holds them).
+    Tokenizer/generation/feature files come from `assets` (relative path -> bytes) or are copied from the
+    checkpoint folder `assets_from`."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise CheckpointError(f"{out_dir} already exists (pass overwrite/--force to replace it)")
     with atomic_dir(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(model.config.raw, indent=2, sort_keys=True) + "\n")
-        _write_weights(model, tmp, max_shard_bytes)
+        _write_weights(model, tmp, max_shard_bytes, dtype)
         files = dict(assets or {})
         if assets_from is not None:
+            for rel in OPTIONAL_ASSET_FILES:
+                src = Path(assets_from) / rel
+                if rel not in files and src.is_file():
+                    files[rel] = src.read_bytes()
             for rel in ASSET_FILES:
                 src = Path(assets_from) / rel
                 if rel not in files:
@@ -161,9 +180,16 @@ def save_checkpoint(model: OpenS2S, out_dir: str | Path, assets_from: str | Path
     return out_dir
 
 
-def _write_weights(model: OpenS2S, folder: Path, max_shard_bytes: int) -> None:
+def _write_weights(model: OpenS2S, folder: Path, max_shard_bytes: int, dtype: torch.dtype | None) -> None:
     tied = _tied_keys(model)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in tied}
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():
+        if k in tied:
+            continue
+        # safetensors refuses tensors that share memory (an lm_head tied at load although the config is not).
+        shared = v.data_ptr() in seen
+        seen.add(v.data_ptr())
+        state[k] = v.detach().to(dtype or v.dtype, copy=shared).contiguous().cpu()
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, tensor in state.items():

@@ -37,18 +37,12 @@ from tokenizers import Tokenizer
 from opens2s_edge.runtime.audio import audio_features, load_wav
 from opens2s_edge.runtime.files import write_jsonl_atomic  # noqa: F401 (re-exported for callers)
 from opens2s_edge.runtime.prompt import (
-    AUDIO_END_TOKEN,
-    AUDIO_PLACEHOLDER_ID,
-    AUDIO_START_TOKEN,
-    AUDIO_TOKEN,
     DEFAULT_SYSTEM_PROMPT,
-    NUM_SPEECH_TOKENS,
+    GLM4VOICE_UNITS,
     SPEECH_TOKEN_FORMAT,
     TTS_END_TOKEN,
-    TTS_START_TOKEN,
     PromptBuilder,
     SpeechVocab,
-    render_chat_template,
 )
 
 from .opens2s import SPEAKER_DIM
@@ -117,9 +111,9 @@ def parse_units(value: object, where: str) -> list[int]:
             raise DataError(f"{where}: speech_units has text that is not a <|audio_i|> token: {leftover[:40]!r}")
     else:
         raise DataError(f"{where}: speech_units must be a string of <|audio_i|> tokens or a list of ints")
-    bad = [u for u in units if not 0 <= u < NUM_SPEECH_TOKENS]
+    bad = [u for u in units if not 0 <= u < GLM4VOICE_UNITS]
     if bad:
-        raise DataError(f"{where}: speech unit {bad[0]} is outside the vocabulary 0..{NUM_SPEECH_TOKENS - 1}")
+        raise DataError(f"{where}: speech unit {bad[0]} is outside the vocabulary 0..{GLM4VOICE_UNITS - 1}")
     return list(units)
 
 
@@ -318,18 +312,8 @@ class Collator:
     def prompt_ids(self, sample: Sample) -> list[int]:
         """Chat-template prompt for the sample's user turn, ending in `<|im_tts_start|>`; each audio's
         place is AUDIO_PLACEHOLDER_ID. For a lone audio item this equals PromptBuilder.prompt_ids."""
-        content = "".join(f"{AUDIO_START_TOKEN}{AUDIO_TOKEN}{AUDIO_END_TOKEN}" if isinstance(p, AudioRef) else p
-                          for p in sample.user)
-        messages = ([{"role": "system", "content": sample.system}] if sample.system else [])
-        messages.append({"role": "user", "content": content})
-        text = render_chat_template(self.prompt.chat_template, messages, add_generation_prompt=True,
-                                    enable_thinking=False) + TTS_START_TOKEN
-        ids: list[int] = []
-        for i, segment in enumerate(text.split(AUDIO_TOKEN)):
-            if i:
-                ids.append(AUDIO_PLACEHOLDER_ID)
-            ids.extend(self.prompt.tokenizer.encode(segment, add_special_tokens=True).ids)
-        return ids
+        content = [{"audio": True} if isinstance(p, AudioRef) else {"text": p} for p in sample.user]
+        return self.prompt.encode([{"role": "user", "content": content}], sample.system or None)
 
     def response_ids(self, sample: Sample) -> list[int]:
         # The LLM answers `text <|im_tts_end|> <|im_end|>`; generation stops at <|im_end|>, and every one
@@ -351,7 +335,10 @@ class Collator:
             if self.need_units and s.units is None:
                 raise DataError(f"{s.where}: this stage needs speech_units in the assistant turn")
             units = s.units or []
-            speech.append([self.vocab.offset + u for u in units] + ([self.vocab.eos_id] if units else []))
+            if units and max(units) >= self.vocab.count:
+                raise DataError(f"{s.where}: speech unit {max(units)} is outside the TTS vocabulary's "
+                                f"{self.vocab.count} speech tokens")
+            speech.append([self.vocab.offset + u for u in units] + ([self.vocab.eos_ids[0]] if units else []))
             if self.need_tts_text:
                 tts_text.append(self.tts_tokenizer.encode(s.response_text, add_special_tokens=False).ids)
             if self.need_audio:
@@ -375,7 +362,7 @@ class Collator:
             response_start=torch.tensor(starts),
             response_len=torch.tensor(resp_lens),
             audio_features=audio, audio_lengths=audio_len, audio_owner=owner,
-            speech_ids=_pad(speech, self.vocab.eos_id) if any(speech) else None,
+            speech_ids=_pad(speech, self.vocab.eos_ids[0]) if any(speech) else None,
             speech_len=torch.tensor([len(r) for r in speech]) if any(speech) else None,
             speaker=torch.stack(speakers),
             tts_text_ids=_pad(tts_text, self.pad_id) if tts_text else None,

@@ -280,7 +280,7 @@ class Generator:
         pushed = voiced = 0  # units pushed to token2wav, and how many of them a returned chunk covered
         result = InterleaveResult()
         for event in interleave(text_dec, speech_dec, cfg, text_sampler, speech_sampler, result):
-            if stream is not None and event.kind == "speech" and event.token != self.vocab.eos_id:
+            if stream is not None and event.kind == "speech" and not self.vocab.is_eos(event.token):
                 started = time.perf_counter()
                 pcm = stream.push(self.vocab.to_units([event.token]))
                 pushed += 1
@@ -295,7 +295,7 @@ class Generator:
             pieces.append(stream.finalize())
             timer.record("token2wav", pushed - voiced, started)
         total_s = time.perf_counter() - timer.t0
-        speech_ids = [i for i in result.speech_ids if i != self.vocab.eos_id]
+        speech_ids = [i for i in result.speech_ids if not self.vocab.is_eos(i)]
         return GenerationResult(
             text=self.prompt.decode(result.text_ids),
             text_ids=result.text_ids,

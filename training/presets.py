@@ -8,28 +8,40 @@ text with Qwen3's special tokens and the OpenS2S tokens, so nothing is downloade
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from opens2s_edge.runtime.prompt import NUM_SPEECH_TOKENS, SPEECH_EOS_TOKEN, SPEECH_TOKEN_FORMAT
+from opens2s_edge.runtime.prompt import (
+    AUDIO_END_TOKEN,
+    AUDIO_START_TOKEN,
+    GLM4VOICE_UNITS,
+    SPEECH_TOKEN_FORMAT,
+    TTS_END_TOKEN,
+    TTS_START_TOKEN,
+)
 
 from .checkpoint import save_checkpoint
 from .opens2s import OpenS2S, OpenS2SConfig
 from .qwen3 import init_weights
 
-SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
-    "<|im_audio_start|>", "<|im_audio_end|>", "<|im_tts_start|>", "<|im_tts_end|>", "<|im_audio|>",
+# Qwen3's added tokens in Qwen's order (special, or plain added tokens), then the four train.py adds.
+QWEN3_ADDED_TOKENS = [
+    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True), ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True), ("<|box_start|>", True), ("<|box_end|>", True), ("<|quad_start|>", True),
+    ("<|quad_end|>", True), ("<|vision_start|>", True), ("<|vision_end|>", True), ("<|vision_pad|>", True),
+    ("<|image_pad|>", True), ("<|video_pad|>", True), ("<tool_call>", False), ("</tool_call>", False),
+    ("<|fim_prefix|>", False), ("<|fim_middle|>", False), ("<|fim_suffix|>", False), ("<|fim_pad|>", False),
+    ("<|repo_name|>", False), ("<|file_sep|>", False), ("<tool_response>", False), ("</tool_response>", False),
+    ("<think>", False), ("</think>", False),
 ]
-# Qwen3's template restricted to plain system/user/assistant turns, thinking switchable off.
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-    "'<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- endif %}{%- endif %}"
-)
+OPENS2S_TOKENS = [AUDIO_START_TOKEN, AUDIO_END_TOKEN, TTS_START_TOKEN, TTS_END_TOKEN]
+# Qwen2's pre-tokenizer split (what Qwen3's tokenizer.json carries).
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+CHAT_TEMPLATE = (resources.files("opens2s_edge") / "assets" / "qwen3_chat_template.jinja").read_text(encoding="utf-8")
 CORPUS = """\
 You are a helpful assistant. I am so sorry to hear that you had a hard day; it is completely understandable
 to feel tired and overwhelmed. Congratulations on your new job! That is wonderful news, and you must be
@@ -47,7 +59,8 @@ _AUDIO = dict(activation_dropout=0.0, activation_function="gelu", attention_drop
               num_mel_bins=128, scale_embedding=False)
 _QWEN3 = dict(attention_bias=False, attention_dropout=0.0, hidden_act="silu", initializer_range=0.02,
               max_position_embeddings=4096, model_type="qwen3", rms_norm_eps=1e-6, rope_scaling=None,
-              rope_theta=1_000_000.0, use_cache=True, use_sliding_window=False, tie_word_embeddings=False)
+              rope_theta=1_000_000.0, use_cache=True, use_sliding_window=False, tie_word_embeddings=False,
+              architectures=["Qwen3ForCausalLM"], sliding_window=None, torch_dtype="bfloat16")
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(
@@ -67,60 +80,84 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def build_tokenizer() -> Tokenizer:
+def build_base_tokenizer(vocab_size: int = 600) -> Tokenizer:
+    """A byte-level BPE laid out as Qwen3's: NFC, the Qwen2 split, then its added tokens."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    for token, special in QWEN3_ADDED_TOKENS:
+        tok.add_tokens([AddedToken(token, special=special, normalized=False)])
     return tok
 
 
-def _tokenizer_config(tok: Tokenizer, eos: str, extra_added: int = 0) -> dict:
-    added = {str(tok.token_to_id(t)): dict(content=t, lstrip=False, normalized=False, rstrip=False,
-                                           single_word=False, special=True)
-             for t in SPECIAL_TOKENS}
-    if extra_added:
-        for i in range(NUM_SPEECH_TOKENS):
-            t = SPEECH_TOKEN_FORMAT.format(i)
-            added[str(tok.token_to_id(t))] = dict(content=t, lstrip=False, normalized=False, rstrip=False,
-                                                  single_word=False, special=True)
-        added[str(tok.token_to_id(SPEECH_EOS_TOKEN))] = dict(
-            content=SPEECH_EOS_TOKEN, lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
-    return {"added_tokens_decoder": added, "additional_special_tokens": SPECIAL_TOKENS[1:],
-            "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": False, "eos_token": eos,
-            "model_max_length": 131072, "pad_token": "<|endoftext|>", "tokenizer_class": "Qwen2TokenizerFast"}
+def _added_decoder(tok: Tokenizer) -> dict[str, dict]:
+    return {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                     "single_word": t.single_word, "special": t.special}
+            for i, t in sorted(tok.get_added_tokens_decoder().items())}
+
+
+def _tokenizer_files(tok: Tokenizer, prefix: str, additional: list[str], chat_template: str) -> dict[str, bytes]:
+    """tokenizer.json, the slow files (vocab.json, merges.txt, added_tokens.json) and the two configs, as
+    transformers' save_pretrained writes them for a Qwen2Tokenizer."""
+    out: dict[str, bytes] = {f"{prefix}tokenizer.json": tok.to_str().encode()}
+    model = json.loads(tok.to_str())["model"]
+    out[f"{prefix}vocab.json"] = json.dumps(model["vocab"], ensure_ascii=False).encode()
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    out[f"{prefix}merges.txt"] = ("#version: 0.2\n" + "\n".join(merges) + "\n").encode()
+    added = tok.get_added_tokens_decoder()
+    out[f"{prefix}added_tokens.json"] = json.dumps(
+        {t.content: i for i, t in sorted(added.items(), key=lambda kv: kv[1].content)}, indent=2).encode()
+    config = {"add_prefix_space": False, "added_tokens_decoder": _added_decoder(tok),
+              "additional_special_tokens": additional, "bos_token": None, "chat_template": chat_template,
+              "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
+              "extra_special_tokens": {}, "model_max_length": 131072, "pad_token": "<|endoftext|>",
+              "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}
+    out[f"{prefix}tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False).encode()
+    entry = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    out[f"{prefix}special_tokens_map.json"] = json.dumps({
+        "additional_special_tokens": [{"content": t, **entry} for t in additional],
+        "eos_token": {"content": "<|im_end|>", **entry}, "pad_token": {"content": "<|endoftext|>", **entry}},
+        indent=2).encode()
+    return out
 
 
 def tokenizer_assets(max_new_tokens: int, tts_max_new_tokens: int) -> tuple[dict[str, bytes], int, int]:
-    """Files for the LLM and TTS tokenizers; returns (files, text vocab size, tts vocab size)."""
-    text_tok = build_tokenizer()
-    text_vocab = text_tok.get_vocab_size(with_added_tokens=True)
-    files = {
-        "tokenizer.json": text_tok.to_str().encode(),
-        "tokenizer_config.json": json.dumps(_tokenizer_config(text_tok, "<|im_end|>"), indent=2).encode(),
-    }
-    tts_tok = Tokenizer.from_str(text_tok.to_str())
-    tts_tok.add_special_tokens([SPEECH_TOKEN_FORMAT.format(i) for i in range(NUM_SPEECH_TOKENS)] + [SPEECH_EOS_TOKEN])
-    tts_vocab = tts_tok.get_vocab_size(with_added_tokens=True)
-    files["tts/tokenizer.json"] = tts_tok.to_str().encode()
-    files["tts/tokenizer_config.json"] = json.dumps(_tokenizer_config(tts_tok, SPEECH_EOS_TOKEN, 1)).encode()
-    special_map = {"additional_special_tokens": SPECIAL_TOKENS[1:], "pad_token": "<|endoftext|>"}
-    files["special_tokens_map.json"] = json.dumps({**special_map, "eos_token": "<|im_end|>"}, indent=2).encode()
-    files["tts/special_tokens_map.json"] = json.dumps({**special_map, "eos_token": SPEECH_EOS_TOKEN}, indent=2).encode()
+    """Files for the LLM and TTS tokenizers in the released conventions; returns (files, text vocab, tts vocab).
+
+    The LLM tokenizer is the base plus the four OpenS2S tokens (train.py adds them as special tokens); the TTS
+    tokenizer is the base plus `<|audio_0|>`..`<|audio_16383|>` as plain added tokens, and its eos is the base
+    vocabulary's `<|im_end|>`: no `<|im_audio|>` token and no `<|audio_eos|>`, as in the released files.
+    """
+    base = build_base_tokenizer()
+    text_tok = Tokenizer.from_str(base.to_str())
+    text_tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in OPENS2S_TOKENS])
+    tts_tok = Tokenizer.from_str(base.to_str())
+    tts_tok.add_tokens([SPEECH_TOKEN_FORMAT.format(i) for i in range(GLM4VOICE_UNITS)])
+    files = _tokenizer_files(text_tok, "", OPENS2S_TOKENS, CHAT_TEMPLATE)
+    qwen_special = [t for t, special in QWEN3_ADDED_TOKENS[1:14] if special]
+    files.update(_tokenizer_files(tts_tok, "tts/", qwen_special, CHAT_TEMPLATE))
     im_end, endoftext = text_tok.token_to_id("<|im_end|>"), text_tok.token_to_id("<|endoftext|>")
+    # As Qwen3 ships its generation config; the worker overrides the sampling fields per request.
     files["generation_config.json"] = json.dumps(
-        {"eos_token_id": [im_end, endoftext], "max_new_tokens": max_new_tokens}, indent=2).encode()
+        {"bos_token_id": endoftext, "do_sample": True, "eos_token_id": [im_end, endoftext],
+         "max_new_tokens": max_new_tokens, "pad_token_id": endoftext, "temperature": 0.6, "top_k": 20,
+         "top_p": 0.95}, indent=2).encode()
     files["tts/generation_config.json"] = json.dumps(
-        {"eos_token_id": tts_tok.token_to_id(SPEECH_EOS_TOKEN), "max_new_tokens": tts_max_new_tokens},
-        indent=2).encode()
+        {"bos_token_id": endoftext, "do_sample": True, "eos_token_id": tts_tok.token_to_id("<|im_end|>"),
+         "max_new_tokens": tts_max_new_tokens, "pad_token_id": endoftext}, indent=2).encode()
     files["audio/preprocessor_config.json"] = json.dumps({
         "chunk_length": 30, "dither": 0.0, "feature_extractor_type": "WhisperFeatureExtractor",
         "feature_size": 128, "hop_length": 160, "n_fft": 400, "n_samples": 480000, "nb_max_frames": 3000,
         "padding_side": "right", "padding_value": 0.0, "return_attention_mask": False,
         "sampling_rate": 16000}, indent=2).encode()
-    return files, text_vocab, tts_vocab
+    return files, text_tok.get_vocab_size(with_added_tokens=True), tts_tok.get_vocab_size(with_added_tokens=True)
 
 
 def preset_config(preset: str, text_vocab: int, tts_vocab: int, eos_ids: list[int], tts_eos: int) -> dict:
@@ -129,11 +166,11 @@ def preset_config(preset: str, text_vocab: int, tts_vocab: int, eos_ids: list[in
     p = PRESETS[preset]
     audio = {**_AUDIO, **p["audio"], "num_hidden_layers": p["audio"]["encoder_layers"]}
     llm = {**_QWEN3, **p["llm"], "vocab_size": text_vocab, "bos_token_id": eos_ids[1], "eos_token_id": eos_ids[0]}
-    tts = {**_QWEN3, **p["tts"], "vocab_size": tts_vocab, "eos_token_id": tts_eos}
+    tts = {**_QWEN3, **p["tts"], "vocab_size": tts_vocab, "bos_token_id": eos_ids[1], "eos_token_id": tts_eos}
     return {
         "adapter_inner_dim": p["adapter_inner_dim"], "architectures": ["OmniSpeechModel"],
         "audio_encoder_config": audio, "conv_kernel_sizes": "5,5", "interleave_strategy": "4:8",
-        "llm_config": llm, "lora_config": None, "model_type": "omnispeech", "torch_dtype": "float32",
+        "llm_config": llm, "lora_config": None, "model_type": "omnispeech", "torch_dtype": "bfloat16",
         "tts_lm_config": tts,
     }
 
@@ -152,4 +189,5 @@ def write_preset(preset: str, out_dir: str | Path, seed: int = 0, overwrite: boo
     generator = torch.Generator().manual_seed(seed)
     init_weights(model, std=0.02 if preset != "tiny" else 0.2, generator=generator)
     model.audio_encoder_model.reset_positions()  # a fixed sinusoid table in the released model, not learned
-    return save_checkpoint(model, out_dir, assets=files, overwrite=overwrite)
+    # Stored in bf16, as the released checkpoint is (a bf16 training run saves it that way).
+    return save_checkpoint(model, out_dir, assets=files, overwrite=overwrite, dtype=torch.bfloat16)
