@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Protocol
 
 import numpy as np
@@ -54,14 +53,12 @@ class DecoderSpec:
     cfg_rate: float = 0.7
     t_scheduler: str = "cosine"
 
-    @property
-    def frames_per_token(self) -> Fraction:
-        return Fraction(22050, 256) / Fraction(str(self.token_rate))
-
     def frames(self, n_tokens: int) -> int:
-        """Mel frames for the first n tokens, exact: floor(n / token_rate * 22050 / 256)."""
-        f = self.frames_per_token
-        return (n_tokens * f.numerator) // f.denominator
+        """Mel frames for the first n tokens as the reference's flow computes them: int(n / token_rate *
+        sample_rate / hop) in float32, which is one frame short of exact arithmetic at some counts (3392 tokens
+        at 12.5 Hz); the flow graph and the PyTorch flow do the same float32 arithmetic."""
+        f32 = np.float32
+        return int(f32(n_tokens) / f32(self.token_rate) * f32(self.sample_rate) / f32(self.hop))
 
 
 class Token2WavBackend(Protocol):

@@ -23,29 +23,22 @@ REPO = Path(__file__).resolve().parents[1]
 HELLO = REPO / "opens2s_edge" / "assets" / "hello.wav"
 
 
-def full_size_config() -> dict:
-    """OpenS2S at full size, with the vocabulary/tying assumptions of opens2s_full_keys.json."""
-    audio = dict(d_model=1280, encoder_layers=32, num_hidden_layers=32, encoder_attention_heads=20,
-                 encoder_ffn_dim=5120, num_mel_bins=128, max_source_positions=1500,
-                 model_type="qwen2_audio_encoder")
-    qwen3 = dict(model_type="qwen3", head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False)
-    llm = dict(qwen3, vocab_size=151673, hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
-               num_key_value_heads=8, intermediate_size=12288)
-    tts = dict(qwen3, vocab_size=168054, hidden_size=2048, num_hidden_layers=28, num_attention_heads=16,
-               num_key_value_heads=8, intermediate_size=6144)
-    return {"audio_encoder_config": audio, "llm_config": llm, "tts_lm_config": tts, "adapter_inner_dim": 512,
-            "conv_kernel_sizes": "5,5", "interleave_strategy": "4:8"}
-
-
 def test_full_size_keys_and_shapes(golden_root: Path) -> None:
-    expected = {k: list(v) for k, v in json.loads((golden_root / "opens2s_full_keys.json").read_text())["keys"].items()}
+    """Our OpenS2S built from the config.json the reference writes at full size has its every key and shape."""
+    full = json.loads((golden_root / "opens2s_full_keys.json").read_text())
     with torch.device("meta"):
-        model = OpenS2S(OpenS2SConfig.from_dict(full_size_config()))
+        model = OpenS2S(OpenS2SConfig.from_dict(full["config_json"]))
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}
-    assert sorted(ours) == sorted(expected)
-    assert ours == expected
-    params = sum(v.numel() for v in model.state_dict().values())
-    assert params == json.loads((golden_root / "opens2s_full_keys.json").read_text())["n_params"]
+    assert sorted(ours) == sorted(full["keys"])
+    assert ours == {k: v["shape"] for k, v in full["keys"].items()}
+    # The reference builds its LLM with from_config, which takes llm_config.torch_dtype: only the LLM comes up
+    # in bf16 there. We load every sub-model in the dtype asked for, so the loader reads each file's own dtype.
+    bf16 = {k.split(".")[0] for k, v in full["keys"].items() if v["dtype"] == "bfloat16"}
+    assert bf16 == {"llm_model"} and full["config_json"]["llm_config"]["torch_dtype"] == "bfloat16"
+    assert sum(v.numel() for v in model.state_dict().values()) == full["n_params"]
+    by_module = {m: sum(v.numel() for k, v in model.state_dict().items() if k.startswith(m + "."))
+                 for m in full["n_params_by_module"]}
+    assert by_module == full["n_params_by_module"]
 
 
 @pytest.fixture(scope="module")

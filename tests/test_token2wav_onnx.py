@@ -27,7 +27,8 @@ def _export_and_compare(
     outputs: list[str],
     dynamic: dict[str, dict[int, str]],
     run_inputs: tuple[torch.Tensor, ...],
-    atol: float,
+    atol: float | dict[str, float],
+    circular: tuple[str, ...] = (),
 ) -> None:
     path = tmp_path / "graph.onnx"
     with warnings.catch_warnings():
@@ -38,9 +39,12 @@ def _export_and_compare(
     with torch.inference_mode():
         want = module(*run_inputs)
     want = want if isinstance(want, tuple) else (want,)
-    for g, w in zip(got, want, strict=True):
+    for name, g, w in zip(outputs, got, want, strict=True):
         assert g.shape == tuple(w.shape)
-        np.testing.assert_allclose(g, w.numpy(), atol=atol)
+        diff = np.abs(g - w.numpy())
+        if name in circular:  # phases in cycles: compare on the circle
+            diff = np.minimum(np.mod(diff, 1.0), 1.0 - np.mod(diff, 1.0))
+        assert diff.max() <= (atol[name] if isinstance(atol, dict) else atol), (name, float(diff.max()))
 
 
 def test_flow_encoder_exports(decoder, tmp_path: Path) -> None:  # noqa: ANN001
@@ -63,7 +67,10 @@ def test_hift_exports(decoder, tmp_path: Path) -> None:  # noqa: ANN001
     def inputs(n: int) -> tuple[torch.Tensor, ...]:
         return torch.randn(1, 80, n), torch.rand(1, 9, 1), torch.randn(1, 9, n * 256)
 
-    # frame_phase is a long float32 cumsum: onnxruntime and PyTorch accumulate it in different orders.
+    # 600 frames (7 s): the sine phase runs over 150k samples; the realistic, mostly voiced F0 of the golden
+    # decoder is what made a float32 per-sample phase sum differ between onnxruntime and PyTorch (1.0 on
+    # frame_phase, 5e-2 on the waveform). What is left is F0's own float32 noise carried into the phase:
+    # the waveform within the golden README's 1e-3 (the reference's own fp32 noise is 1.8e-4).
     _export_and_compare(tmp_path, decoder.hift, inputs(20), ["mel", "phase", "noise"],
                         ["wav", "source", "frame_phase"], {"mel": {2: "frames"}, "noise": {2: "samples"}},
-                        inputs(33), 1e-4)
+                        inputs(600), {"wav": 1e-3, "source": 1e-4, "frame_phase": 1e-4}, circular=("frame_phase",))

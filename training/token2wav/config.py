@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -171,21 +170,12 @@ class HiFTConfig:
         return n
 
 
-# The reference converts token counts to mel frames with these constants baked in (flow.py, flow_inference.py).
-MEL_SAMPLE_RATE = 22050
-MEL_HOP = 256
-
-
 @dataclass(frozen=True)
 class DecoderConfig:
     sample_rate: int
     flow: FlowConfig
     hift: HiFTConfig
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    @property
-    def frames_per_token(self) -> Fraction:
-        return Fraction(MEL_SAMPLE_RATE, MEL_HOP) / Fraction(str(self.flow.input_frame_rate))
 
 
 _FLOW_CLASS = "cosyvoice.flow.flow.MaskedDiffWithXvec"
@@ -357,8 +347,8 @@ def _check(cfg: DecoderConfig) -> None:
         problems.append(f"flow.decoder.spk_emb_dim {f.cfm.spk_emb_dim} != output_size {f.output_size}")
     if h.in_channels != f.output_size:
         problems.append(f"hift.in_channels {h.in_channels} != flow.output_size {f.output_size}")
-    if h.hop != MEL_HOP or h.sampling_rate != MEL_SAMPLE_RATE:
-        problems.append(f"hift makes {h.hop} samples/frame at {h.sampling_rate} Hz; the flow assumes 256 at 22050")
+    if h.sampling_rate != cfg.sample_rate:
+        problems.append(f"hift.sampling_rate {h.sampling_rate} != sample_rate {cfg.sample_rate}")
     if f.length_regulator.out_channels != f.output_size:
         problems.append("flow.length_regulator output channels differ from flow.output_size")
     if problems:
@@ -399,8 +389,63 @@ def dump_config(cfg: DecoderConfig) -> str:
     def seq(values: tuple[Any, ...]) -> str:
         return "[" + ", ".join(seq(v) if isinstance(v, tuple) else str(v) for v in values) + "]"
 
-    return f"""sample_rate: {cfg.sample_rate}
+    # The released file's whole structure: the seed lines, the fixed params and an `llm:` section that the
+    # reference builds at load and GLM-4-Voice's decoder never uses (small sizes here; readers skip it).
+    return f"""# set random seed, so that you may reproduce your result.
+__set_seed1: !apply:random.seed [1986]
+__set_seed2: !apply:numpy.random.seed [1986]
+__set_seed3: !apply:torch.manual_seed [1986]
+__set_seed4: !apply:torch.cuda.manual_seed_all [1986]
+
+# fixed params
+sample_rate: {cfg.sample_rate}
+text_encoder_input_size: 32
+llm_input_size: 32
+llm_output_size: 32
 spk_embed_dim: {f.spk_embed_dim}
+
+# model params
+llm: !new:cosyvoice.llm.llm.TransformerLM
+    text_encoder_input_size: !ref <text_encoder_input_size>
+    llm_input_size: !ref <llm_input_size>
+    llm_output_size: !ref <llm_output_size>
+    text_token_size: 51866
+    speech_token_size: 4096
+    length_normalized_loss: True
+    lsm_weight: 0
+    spk_embed_dim: !ref <spk_embed_dim>
+    text_encoder: !new:cosyvoice.transformer.encoder.ConformerEncoder
+        input_size: !ref <text_encoder_input_size>
+        output_size: 32
+        attention_heads: 2
+        linear_units: 64
+        num_blocks: 1
+        dropout_rate: 0.1
+        positional_dropout_rate: 0.1
+        attention_dropout_rate: 0
+        normalize_before: True
+        input_layer: 'linear'
+        pos_enc_layer_type: 'rel_pos_espnet'
+        selfattention_layer_type: 'rel_selfattn'
+        use_cnn_module: False
+        macaron_style: False
+        use_dynamic_chunk: False
+        use_dynamic_left_chunk: False
+        static_chunk_size: 1
+    llm: !new:cosyvoice.transformer.encoder.TransformerEncoder
+        input_size: !ref <llm_input_size>
+        output_size: !ref <llm_output_size>
+        attention_heads: 2
+        linear_units: 64
+        num_blocks: 1
+        dropout_rate: 0.1
+        positional_dropout_rate: 0.1
+        attention_dropout_rate: 0
+        input_layer: 'linear_legacy'
+        pos_enc_layer_type: 'rel_pos_espnet'
+        selfattention_layer_type: 'rel_selfattn'
+        static_chunk_size: 1
+
 flow: !new:cosyvoice.flow.flow.MaskedDiffWithXvec
     input_size: {f.input_size}
     output_size: {f.output_size}
@@ -484,7 +529,7 @@ def preset_config(preset: str) -> DecoderConfig:
         # hift channels, f0 channels
         "full": (512, 8, 2048, 6, 256, 64, 4, 12, 8, 512, 512),
         "small": (128, 4, 256, 2, 96, 24, 1, 2, 4, 96, 64),
-        "tiny": (64, 2, 128, 2, 64, 32, 1, 2, 2, 64, 32),
+        "tiny": (64, 4, 128, 2, 64, 32, 1, 2, 2, 64, 32),
     }
     if preset not in sizes:
         raise DecoderConfigError(f"unknown decoder preset {preset!r} (expected one of {', '.join(sizes)})")

@@ -74,7 +74,7 @@ def released_shapes(module: nn.Module, weight_norm_layers: Iterable[str] = ()) -
 def build_modules(cfg: DecoderConfig, device: str | torch.device = "cpu") -> tuple[Flow, HiFTGenerator]:
     """Flow and HiFT with uninitialised weights (`device="meta"` allocates nothing)."""
     with torch.device(device):
-        return Flow(cfg.flow), HiFTGenerator(cfg.hift)
+        return Flow(cfg.flow, cfg.sample_rate, cfg.hift.hop), HiFTGenerator(cfg.hift)
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
@@ -182,8 +182,7 @@ def load_decoder(decoder_dir: Path | str, device: str | torch.device = "cpu") ->
         cfg = load_config(root / "config.yaml")
     except DecoderConfigError as exc:
         raise DecoderFilesError(f"{root / 'config.yaml'}: {exc}") from exc
-    with torch.device("meta"):
-        flow_meta, hift_meta = Flow(cfg.flow), HiFTGenerator(cfg.hift)
+    flow_meta, hift_meta = build_modules(cfg, "meta")
     wn_layers = hift_meta.weight_norm_layers()
     flow_state = _read_state(root / "flow.pt")
     _check_keys(root / "flow.pt", flow_state, released_shapes(flow_meta))

@@ -8,7 +8,6 @@ one of the three graphs that export, the estimator and HiFT being the other two.
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -16,15 +15,6 @@ from torch import nn
 
 from .cfm import ConditionalCFM
 from .config import EncoderConfig, FlowConfig, LengthRegulatorConfig
-
-
-def frames_for_tokens(n_tokens: int, frames_per_token: Fraction) -> int:
-    """Mel frames for n tokens: floor(n / token_rate * 22050 / 256).
-
-    Exact rational arithmetic; the reference computes it in float32, which agrees for every count below 3392
-    tokens (271 s) and loses one frame at some multiples of 64 tokens above that.
-    """
-    return (n_tokens * frames_per_token.numerator) // frames_per_token.denominator
 
 
 def block_mask(n: int, block_size: int, device: torch.device | None = None) -> torch.Tensor:
@@ -160,18 +150,26 @@ class InterpolateRegulator(nn.Module):
         layers.append(nn.Conv1d(cfg.channels, cfg.out_channels, 1, 1))
         self.model = nn.Sequential(*layers)
 
-    def forward(self, h: torch.Tensor, n_frames: int) -> torch.Tensor:
-        """h (B, C, N) -> (B, C_out, n_frames)."""
-        return self.model(F.interpolate(h, size=n_frames, mode="nearest"))
+    def forward(self, h: torch.Tensor, n_frames: torch.Tensor) -> torch.Tensor:
+        """h (B, C, N), n_frames a 0-dim int64 tensor -> (B, C_out, n_frames).
+
+        Nearest interpolation as torch's kernel computes it (source index floor(i * (N / M)) in float32), written
+        as a gather so that the frame count stays a tensor: the exported graph takes any N.
+        """
+        n_in = torch.ones_like(h[0, 0], dtype=torch.float32).sum()
+        scale = n_in / n_frames.to(torch.float32)
+        src = torch.floor(torch.arange(n_frames, device=h.device).to(torch.float32) * scale).to(torch.int64)
+        src = torch.minimum(src, n_in.to(torch.int64) - 1)
+        return self.model(h.index_select(2, src))
 
 
 class Flow(nn.Module):
     """MaskedDiffWithXvec: its forward is the token encoder; `decoder.estimator` is the CFM velocity network."""
 
-    def __init__(self, cfg: FlowConfig):
+    def __init__(self, cfg: FlowConfig, sample_rate: int, hop: int):
         super().__init__()
         self.cfg = cfg
-        self.frames_per_token = Fraction(22050, 256) / Fraction(str(cfg.input_frame_rate))
+        self.sample_rate, self.hop = sample_rate, hop
         self.input_embedding = nn.Embedding(cfg.vocab_size, cfg.input_size)
         self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim, cfg.output_size)
         self.encoder = BlockConformerEncoder(cfg.encoder)
@@ -179,17 +177,23 @@ class Flow(nn.Module):
         self.length_regulator = InterpolateRegulator(cfg.length_regulator)
         self.decoder = ConditionalCFM(cfg.cfm, cfg.estimator)
 
-    def n_frames(self, n_tokens: int) -> int:
-        return frames_for_tokens(n_tokens, self.frames_per_token)
+    def n_frames(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Mel frames for (B, N) tokens as the reference computes them: int(N / token_rate * sample_rate / hop)
+        in float32 (runtime DecoderSpec.frames is the same arithmetic), a 0-dim int64 tensor."""
+        n = torch.ones_like(tokens[0], dtype=torch.float32).sum()
+        return (n / self.cfg.input_frame_rate * self.sample_rate / self.hop).to(torch.int64)
 
-    def forward(self, tokens: torch.Tensor, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens (B, N) int64, embedding (B, spk_embed_dim) x-vector -> mu (B, 80, M), spks (B, 80).
-
-        M = floor(N * 441 / 64) at 12.5 Hz. Negative ids are clamped to 0 as in the reference (padding ids).
-        """
-        spks = self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+    def encode_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (B, N) -> the block-causal encoder's output (B, N, D) and its projection (B, N, 80).
+        Negative ids are clamped to 0 as in the reference (padding ids)."""
         # max rather than clamp: TensorRT's Clip takes floats only.
         x = self.input_embedding(torch.maximum(tokens, torch.zeros_like(tokens)))
-        h = self.encoder_proj(self.encoder(x))
-        mu = self.length_regulator(h.transpose(1, 2), self.n_frames(tokens.shape[1]))
+        h = self.encoder(x)
+        return h, self.encoder_proj(h)
+
+    def forward(self, tokens: torch.Tensor, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (B, N) int64, embedding (B, spk_embed_dim) x-vector -> mu (B, 80, M), spks (B, 80)."""
+        spks = self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+        _, h = self.encode_tokens(tokens)
+        mu = self.length_regulator(h.transpose(1, 2), self.n_frames(tokens))
         return mu, spks

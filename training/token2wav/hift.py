@@ -148,18 +148,35 @@ class HiFTGenerator(nn.Module):
     def source(
         self, f0: torch.Tensor, phase: torch.Tensor, noise: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """f0 (B, T) Hz, phase (B, S, 1) cycles, noise (B, S, T*hop) -> source (B, 1, T*hop), frame_phase (B, S, T)."""
+        """f0 (B, T) Hz, phase (B, S, 1) cycles, noise (B, S, T*hop) -> source (B, 1, T*hop), frame_phase (B, S, T).
+
+        The reference's sine phase is one float32 cumulative sum over every sample (thousands of cycles at 22 kHz),
+        whose rounding differs between runtimes. F0 is constant within a frame (nearest upsampling), so the same
+        sum is taken per frame, then within the frame: the phase a frame advances (hop steps, mod 1) is split
+        into a part on a 2^-10 grid, whose running sum is exact in float32 in any order (up to 16384 frames), and a
+        remainder below 2^-11 whose running sum is tiny; inside the frame the phase is k steps on from the
+        frame's start. Every quantity stays below a few cycles, so float32 holds it to ~1e-6 cycles.
+        """
         cfg = self.cfg
-        f0_up = f0[:, :, None].expand(-1, -1, self.hop).reshape(f0.shape[0], 1, -1)  # nearest upsampling
-        step = f0_up * self.harmonics / cfg.sampling_rate  # cycles per sample, per harmonic
-        cum = torch.cumsum(step, dim=-1)
-        cycles = torch.remainder(torch.remainder(cum, 1.0) + phase, 1.0)
+        hop = self.hop
+        step = f0[:, None, :] * self.harmonics / cfg.sampling_rate  # (B, S, T) cycles per sample
+        advance = step * hop
+        advance = advance - torch.floor(advance)  # cycles a whole frame advances, mod 1
+        coarse = torch.floor(advance * 1024.0 + 0.5) / 1024.0
+        fine = advance - coarse
+        # Exclusive running sums: the phase before each frame's first sample.
+        coarse_sum = torch.cumsum(coarse, dim=-1) - coarse
+        fine_sum = torch.cumsum(fine, dim=-1) - fine
+        start = coarse_sum - torch.floor(coarse_sum) + fine_sum + phase
+        frame_phase = start - torch.floor(start)
+        k = torch.arange(1, hop + 1, device=f0.device, dtype=f0.dtype)  # the reference's cumsum is inclusive
+        cycles = frame_phase[..., None] + step[..., None] * k
+        cycles = (cycles - torch.floor(cycles)).flatten(2)  # (B, S, T*hop)
         sines = cfg.nsf_alpha * torch.sin(2 * math.pi * cycles)
+        f0_up = f0[:, None, :, None].expand(-1, -1, -1, hop).flatten(2)  # nearest upsampling, (B, 1, T*hop)
         uv = (f0_up > cfg.nsf_voiced_threshold).to(sines.dtype)
         noise_amp = uv * cfg.nsf_sigma + (1 - uv) * (cfg.nsf_alpha / 3)
         sines = sines * uv + noise_amp * noise
-        # Phase before each frame's first sample = inclusive cumsum minus that sample's own step.
-        frame_phase = torch.remainder(torch.remainder((cum - step)[:, :, :: self.hop], 1.0) + phase, 1.0)
         return self.m_source(sines), frame_phase
 
     def _stft(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,9 +196,12 @@ class HiFTGenerator(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """mel (B, 80, T); phase (B, S, 1) source start phase in cycles; noise (B, S, T*hop) standard normal
         (zeros for none) -> wav (B, T*hop), source (B, 1, T*hop), frame_phase (B, S, T)."""
+        s, frame_phase = self.source(self.f0_predictor(mel), phase, noise)
+        return self.decode(mel, s), s, frame_phase
+
+    def decode(self, mel: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """mel (B, 80, T) and its source excitation (B, 1, T*hop) -> waveform (B, T*hop)."""
         cfg = self.cfg
-        f0 = self.f0_predictor(mel)
-        s, frame_phase = self.source(f0, phase, noise)
         s_stft = self._stft(s)
         x = self.conv_pre(mel)
         for i, up in enumerate(self.ups):
@@ -199,4 +219,4 @@ class HiFTGenerator(nn.Module):
         magnitude = torch.clamp(torch.exp(x[:, :bins]), max=1e2)
         angle = torch.sin(x[:, bins:])
         wav = self._istft(torch.cat([magnitude * torch.cos(angle), magnitude * torch.sin(angle)], dim=1))
-        return torch.clamp(wav, -cfg.audio_limit, cfg.audio_limit), s, frame_phase
+        return torch.clamp(wav, -cfg.audio_limit, cfg.audio_limit)
