@@ -33,6 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="replay the single-token decode steps as CUDA graphs (default: on with --device cuda)")
     p.add_argument("--compile", action="store_true",
                    help="decode steps through torch.compile(mode='reduce-overhead') instead of our own graphs")
+    p.add_argument("--kernels", choices=["torch", "triton"], default="torch",
+                   help="decode-step kernels: torch (PyTorch's ops) or triton (kernels/: RMSNorm, RoPE, SwiGLU and an "
+                        "attention reading only the filled cache rows; reference fallbacks on the CPU)")
+    p.add_argument("--weights", choices=["int8", "int4"], default=None,
+                   help="quantize the decoders' projections weight-only (dequantized inside the Triton matvec kernel "
+                        "with --kernels triton); default: the checkpoint's weights in --dtype")
     p.add_argument("--max-context", type=int, default=4096, help="KV cache length per LM (4096)")
     p.add_argument("--decoder", type=Path, default=None,
                    help="GLM-4-Voice decoder folder: synthesize the reply (streaming, on the same device)")
@@ -48,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
     from opens2s_edge.runtime.token2wav_stream import Token2WavError
 
     from .checkpoint import CheckpointError
-    from .cuda_backend import DeviceError
+    from .cuda_backend import DeviceError, use_kernels
     from .generate import Generator
 
     if args.out is not None and args.decoder is None:
@@ -59,6 +65,8 @@ def main(args: argparse.Namespace) -> int:
         wav = load_wav(args.audio)
         generator = Generator(args.checkpoint, dtype=args.dtype, max_context=args.max_context, device=args.device,
                               cuda_graphs=args.cuda_graphs, compile=args.compile, decoder=args.decoder)
+        if args.kernels != "torch" or args.weights is not None:
+            use_kernels(generator, args.kernels, args.weights)
     except (AudioInputError, CheckpointError, TokenizerError, DeviceError, Token2WavError) as exc:
         raise UserError(str(exc)) from exc
     if generator.device.type == "cuda" and args.dtype == "fp32":
@@ -82,6 +90,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"[{result.audio.shape[0] / result.sample_rate:.2f} s of audio -> {args.out}]", file=sys.stderr)
     if args.timings:
         summary = {"device": str(generator.device), "dtype": str(generator.dtype).removeprefix("torch."),
-                   "step_mode": generator.step_mode, **result.timing_summary()}
+                   "step_mode": generator.step_mode, "kernels": args.kernels, "weights": args.weights,
+                   **result.timing_summary()}
         print(json.dumps(summary, indent=1), file=sys.stderr)
     return 0

@@ -20,6 +20,11 @@ Step modes:
 - `compile`: the fixed-shape step through `torch.compile(mode="reduce-overhead", fullgraph=True)`, which
   captures its own CUDA graphs (one window: the whole cache).
 
+Kernels (`use_kernels`): `torch` (the default) runs the step on PyTorch's own ops; `triton` swaps in the Triton
+kernels of kernels/ (RMSNorm, rotary embedding, SwiGLU, and an attention that reads only the cache rows up to the
+position, so one graph over the whole cache serves every position), optionally with the decoders' projections
+quantized weight-only (int8 / int4) and multiplied by a matvec kernel that dequantizes in registers.
+
 Sampling stays on the host, in runtime/sampling.py: one definition of every sampler for this backend, the
 onnxruntime runtime and the TensorRT runtime, so a seed gives the same reply on each. The step returns one
 float32 row (logits then the final-norm hidden state), copied to the host in one transfer per token.
@@ -33,10 +38,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .qwen3 import ContextFull, Qwen3LM
+from .qwen3 import TORCH_OPS, ContextFull, Qwen3LM, Qwen3Ops
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STEP_MODES = ("eager", "static", "graph", "compile")
+KERNELS = ("torch", "triton")
 SMALLEST_WINDOW = 256
 
 
@@ -263,6 +269,54 @@ class StaticDecodeStep:
         return len(self._graphs)
 
 
+def kernel_ops(kernels: str, device: torch.device | None = None) -> Qwen3Ops:
+    """The Qwen3 primitive set for `kernels` ("torch" or "triton"). Triton on a CUDA device needs Triton installed;
+    elsewhere the Triton set runs its reference fallbacks (or Triton's interpreter under TRITON_INTERPRET=1)."""
+    if kernels == "torch":
+        return TORCH_OPS
+    if kernels != "triton":
+        raise DeviceError(f"kernels {kernels!r} is not one of {', '.join(KERNELS)}")
+    from opens2s_edge.kernels.ops import TRITON_OPS, KernelError, triton_kernels
+
+    if device is not None and device.type == "cuda":
+        try:
+            triton_kernels()
+        except KernelError as exc:
+            raise DeviceError(str(exc)) from exc
+    return TRITON_OPS
+
+
+def use_kernels(generator, kernels: str = "triton", weights: str | None = None) -> None:
+    """Run a `Generator`'s decoders (the LLM and the TTS LM) on `kernels`, in place; `weights` "int8" / "int4"
+    also quantizes their projections weight-only (training/generate.Generator has no switch for it: call this right
+    after building the generator, before `warmup()` or the first turn).
+
+    With kernels whose attention reads only the filled rows (Triton), the decode steps are rebuilt over a single
+    window, the whole cache: one CUDA graph per input kind instead of one per window. Steps already captured are
+    dropped and captured again on first use."""
+    model = generator.model
+    ops = kernel_ops(kernels, generator.device)
+    lms = (model.llm_model, model.tts_lm_model)
+    if weights is not None:
+        from opens2s_edge.kernels.ops import KernelError
+        from opens2s_edge.kernels.quant import quantize_linears
+
+        try:
+            for lm in lms:
+                quantize_linears(lm, weights, use_kernels=kernels == "triton")
+        except KernelError as exc:
+            raise DeviceError(str(exc)) from exc
+    for lm in lms:
+        lm.set_ops(ops)
+    generator.kernels, generator.weights = kernels, weights
+    for name in ("llm_step", "tts_step"):
+        step = getattr(generator, name, None)
+        if step is None:
+            continue
+        windows = (step.max_len,) if ops.reads_filled_rows else step.windows
+        setattr(generator, name, StaticDecodeStep(step.lm, step.mode, windows, step.pool))
+
+
 def host_row(row: Tensor) -> np.ndarray:
     """Device row -> a fresh float32 numpy array (one device-to-host copy; it synchronizes)."""
     out = row.detach().to("cpu", torch.float32)
@@ -271,5 +325,5 @@ def host_row(row: Tensor) -> np.ndarray:
     return out.numpy()
 
 
-__all__ = ["DTYPES", "STEP_MODES", "DeviceError", "StaticDecodeStep", "CacheWindow", "attention_windows",
-           "host_row", "resolve_device", "resolve_dtype", "resolve_step_mode"]
+__all__ = ["DTYPES", "KERNELS", "STEP_MODES", "DeviceError", "StaticDecodeStep", "CacheWindow", "attention_windows",
+           "host_row", "kernel_ops", "resolve_device", "resolve_dtype", "resolve_step_mode", "use_kernels"]

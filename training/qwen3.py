@@ -7,6 +7,7 @@ is the same decoder plus a speaker head (`spk2tts`, `spk_ln`) that makes its fir
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -60,17 +61,63 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # Statistics in fp32 whatever the weights' dtype: fp16 variance overflows on real activations.
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def gqa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, pos: Tensor) -> Tensor:  # noqa: ARG001
+    """q (B, H, T, D) over k, v (B, KV, L, D) under `mask` (T, L) -> (B, H, T, D). `pos` (T,) are the query
+    positions (the mask is `pos[:, None] >= arange(L)`); kernels that read only rows <= pos use it.
+
+    GQA as plain attention: the query heads that share a KV head are stacked along the rows, so no copy of the
+    cache is made (and the graph exports without SDPA's enable_gqa)."""
+    b, h, t, d = q.shape
+    group = h // k.shape[1]
+    q = q.reshape(b, k.shape[1], group * t, d)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(group, 1) if group > 1 else mask)
+    return y.reshape(b, h, t, d)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    return F.silu(gate) * up
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # Looked up at call time: export/lm.py swaps the module-level apply_rope while it traces.
+    return apply_rope(x, cos, sin)
+
+
+@dataclass(frozen=True)
+class Qwen3Ops:
+    """The primitives a decoder layer is made of, chosen per model instance (`Qwen3LM.set_ops`). The default is the
+    plain PyTorch code above, which is also what the ONNX export traces; kernels/ provides a Triton set for the CUDA
+    decode step. `reads_filled_rows`: attention of a single position reads only the cache rows <= its position
+    (from `pos`), so a caller need not narrow the cache to a window first."""
+
+    rms_norm: Callable[[Tensor, Tensor, float], Tensor] = rms_norm
+    rope: Callable[[Tensor, Tensor, Tensor], Tensor] = _rope
+    attention: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor] = gqa_attention
+    swiglu: Callable[[Tensor, Tensor], Tensor] = swiglu
+    name: str = "torch"
+    reads_filled_rows: bool = False
+
+
+TORCH_OPS = Qwen3Ops()
+
+
 class RMSNorm(nn.Module):
+    ops: Qwen3Ops = TORCH_OPS
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Statistics in fp32 whatever the weights' dtype: fp16 variance overflows on real activations.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -87,6 +134,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
+    ops: Qwen3Ops = TORCH_OPS
+
     def __init__(self, c: Qwen3Config):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -103,7 +152,7 @@ class Attention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.ops.rope(q, cos, sin), self.ops.rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(pos, k, v)
             end = mask.shape[-1]
@@ -111,16 +160,13 @@ class Attention(nn.Module):
             # under the mask, and there no Slice is emitted: onnxruntime's Slice copies even a full-length one.
             if end < k.shape[2]:
                 k, v = k[:, :, :end], v[:, :, :end]
-        # GQA as plain attention: the query heads that share a KV head are stacked along the rows, so no
-        # copy of the cache is made (and the graph exports without SDPA's enable_gqa).
-        group = self.n_heads // self.n_kv
-        q = q.reshape(b, self.n_kv, group * t, self.head_dim)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(group, 1) if group > 1 else mask)
-        y = y.reshape(b, self.n_heads, t, self.head_dim)
+        y = self.ops.attention(q, k, v, mask, pos)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
+    ops: Qwen3Ops = TORCH_OPS
+
     def __init__(self, c: Qwen3Config):
         super().__init__()
         self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
@@ -128,7 +174,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -170,6 +216,16 @@ class Qwen3LM(nn.Module):
             self.spk_ln = nn.LayerNorm(config.hidden_size, eps=1e-5)
         self.caches: nn.ModuleList | None = None
         self._rope_len = 0
+
+    @property
+    def ops(self) -> Qwen3Ops:
+        return self.model.norm.ops
+
+    def set_ops(self, ops: Qwen3Ops) -> None:
+        """Run this instance's layers with `ops` (other instances keep theirs)."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, MLP)):
+                module.ops = ops
 
     # -- cache ---------------------------------------------------------------------------------------
     def setup_cache(self, max_len: int, batch: int = 1, dtype: torch.dtype | None = None) -> None:
@@ -263,4 +319,5 @@ def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
 
 
-__all__ = ["Qwen3Config", "Qwen3LM", "KVCache", "ContextFull", "init_weights", "param_count"]
+__all__ = ["Qwen3Config", "Qwen3LM", "Qwen3Ops", "TORCH_OPS", "KVCache", "ContextFull", "gqa_attention", "init_weights",
+           "param_count", "rms_norm", "swiglu"]
