@@ -597,13 +597,14 @@ def export_bundle(checkpoint: Path, decoder: Path, out: Path, dtype: str = "fp32
                     before_export(spec, model)
                 opset = export_graph(spec, path, graph_dtype, state.__getitem__)
             check_graph(path)
-            deviation = verify_graph(spec, path, refs, max(TOLERANCE[dtype], spec.min_tolerance), graph_dtype)
+            tolerance = max(TOLERANCE[dtype], spec.min_tolerance)
+            deviation = verify_graph(spec, path, refs, tolerance, graph_dtype)
             model_proto = onnx.load(str(path), load_external_data=False)
             inputs, outputs = _io_spec(model_proto)
             graphs[spec.name] = {"file": path.name, "inputs": inputs, "outputs": outputs,
                                  "dtype": {v: k for k, v in DTYPES.items()}[graph_dtype],
                                  "form": spec.form, "opset": opset, "limits": spec.limits,
-                                 "aliases": spec.aliases, "max_deviation": max(deviation.values()),
+                                 "aliases": spec.aliases, "max_deviation": max(deviation.values()), "tolerance": tolerance,
                                  "deviation": deviation, "deviation_reference": DEVIATION_REFERENCE}
             progress(f"[export] {i}/{len(specs)} {spec.name}: checked, TensorRT-ready, {spec.form}, "
                      f"max deviation from fp32 {max(deviation.values()):.1e} ({time.perf_counter() - t0:.1f} s)")

@@ -37,7 +37,9 @@ def test_every_graph_checks_and_is_tensorrt_ready(golden_bundle: Path, name: str
     path = bundle.graph_path(name)
     check_graph(path)
     assert tensorrt_readiness(path) == []
-    assert bundle.graph(name)["max_deviation"] < 1e-4
+    entry = bundle.graph(name)
+    # 1e-4 for fp32 graphs; HiFT's phase carries F0's float32 noise: the golden README's 1e-3 on waveforms.
+    assert entry["max_deviation"] <= entry["tolerance"] == (1e-3 if name == "hift" else 1e-4)
 
 
 def test_readiness_names_the_node_and_reason(tmp_path: Path) -> None:

@@ -151,7 +151,7 @@ def test_every_graph_passes_the_checks(bundles, form: str) -> None:
         expected = form if name in ("llm", "tts_lm") else "classic"
         assert graph["form"] == expected, name
         assert graph["opset"] == (24 if expected == "modern" else 17), name
-        assert graph["max_deviation"] <= 1e-4, name
+        assert graph["max_deviation"] <= graph["tolerance"] == (1e-3 if name == "hift" else 1e-4), name
 
 
 def test_bundles_of_both_forms_answer_alike(bundles) -> None:

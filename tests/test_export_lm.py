@@ -159,7 +159,7 @@ def test_modern_bundle_records_its_forms(golden_root: Path, golden_opens2s: Path
     for name, graph in bundle.manifest["graphs"].items():
         decoder = name in ("llm", "tts_lm")
         assert (graph["form"], graph["opset"]) == (("modern", 24) if decoder else ("classic", 17)), name
-        assert graph["max_deviation"] < 1e-4
+        assert graph["max_deviation"] <= graph["tolerance"] == (1e-3 if name == "hift" else 1e-4), name
     lm = load_checkpoint(golden_opens2s).llm_model
     lm.setup_cache(MAX_CONTEXT)
     decoder = CachedDecoder(make_session(bundle.graph_path("llm"), ["CPUExecutionProvider"]), bundle.array("llm_embed"))

@@ -40,10 +40,10 @@ def golden_engine(golden_bundle: Path) -> VoiceEngine:
 def test_golden_ids_on_the_runtime(golden_engine: VoiceEngine, golden_opens2s: Path, name: str) -> None:
     golden = np.load(golden_opens2s / "golden.npz")
     _, done = _turn(golden_engine, load_wav(golden_opens2s / f"{name}.wav"),
-                    TurnOptions(greedy=True, reference_sampling=True))
+                    TurnOptions(greedy=True, reference_sampling=True, max_text_tokens=24, max_speech_tokens=96))
     assert done.text_ids == golden[f"{name}/text_ids"].reshape(-1).tolist()
     raw = golden[f"{name}/speech_ids_raw"].reshape(-1).tolist()
-    assert done.speech_ids == [i for i in raw if i != golden_engine.vocab.eos_id]
+    assert done.speech_ids == [i for i in raw if not golden_engine.vocab.is_eos(i)]
 
 
 @pytest.mark.parametrize("options", [dict(greedy=True), dict(seed=5, max_text_tokens=16, max_speech_tokens=64)])
@@ -65,16 +65,15 @@ def test_reply_audio_matches_pytorch_streaming_token2wav(golden_engine: VoiceEng
     pieces = [stream.push([u]) for u in done.speech_units] + [stream.finalize()]
     reference = np.concatenate(pieces)
     assert done.audio.shape == reference.shape
-    # Same algorithm, same noise. What differs is float32 rounding: 10 Euler steps, then HiFT's sine source,
-    # whose running phase onnxruntime and PyTorch sum in different orders (1e-5 cycles apart after seconds).
-    # Stated tolerance: error RMS under 2% of the reply's RMS, and no sample off by 10% of the peak.
-    error = done.audio - reference
-    assert np.sqrt(np.mean(error**2)) < 0.02 * np.sqrt(np.mean(reference**2))
-    assert np.abs(error).max() < 0.1 * np.abs(reference).max()
+    # Same algorithm, same noise; only float32 rounding differs (10 Euler steps, F0 into the sine phase): the
+    # golden README's waveform tolerance, max abs 1e-3 (measured 1.3e-4, RMS 8e-6).
+    assert np.abs(done.audio - reference).max() <= 1e-3
 
 
 def test_streaming_really_streams(golden_engine: VoiceEngine, golden_opens2s: Path) -> None:
-    events, done = _turn(golden_engine, load_wav(golden_opens2s / "u1.wav"), TurnOptions(greedy=True))
+    # u2 runs its whole 24-token text budget, so text is still streaming when the first audio is out.
+    events, done = _turn(golden_engine, load_wav(golden_opens2s / "u2.wav"),
+                         TurnOptions(greedy=True, max_text_tokens=24))
     first_audio = next(i for i, e in enumerate(events) if isinstance(e, AudioChunk))
     last_text = max(i for i, e in enumerate(events) if isinstance(e, TextDelta))
     assert len(done.text_ids) == 24
