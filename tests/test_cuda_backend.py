@@ -9,6 +9,7 @@ CUDA and CPU agree on the golden ids, bf16 answers a turn with finite logits, an
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,19 +20,24 @@ import numpy as np
 import pytest
 import torch
 
-from opens2s_edge.cli import main as cli_main
-from opens2s_edge.runtime.audio import load_wav
-from opens2s_edge.training.checkpoint import load_checkpoint
-from opens2s_edge.training.cuda_backend import (
+if not torch.cuda.is_available():
+    # The Triton kernel cases run the kernels on the CPU in Triton's interpreter (read when kernels/ first loads them).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from opens2s_edge.cli import main as cli_main  # noqa: E402
+from opens2s_edge.runtime.audio import load_wav  # noqa: E402
+from opens2s_edge.training.checkpoint import load_checkpoint  # noqa: E402
+from opens2s_edge.training.cuda_backend import (  # noqa: E402
     DeviceError,
     StaticDecodeStep,
     attention_windows,
     resolve_device,
     resolve_dtype,
     resolve_step_mode,
+    use_kernels,
 )
-from opens2s_edge.training.generate import GenerationOptions, Generator, StepTiming
-from opens2s_edge.training.qwen3 import ContextFull
+from opens2s_edge.training.generate import GenerationOptions, Generator, StepTiming  # noqa: E402
+from opens2s_edge.training.qwen3 import ContextFull  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 HELLO = REPO / "opens2s_edge" / "assets" / "hello.wav"
@@ -214,6 +220,53 @@ def test_reply_audio_from_the_generator(golden_opens2s: Path, golden_decoder: Pa
     assert result.timing_summary()["token2wav"]["positions"] == len(result.speech_units) == 24
 
 
+# -- the Triton kernels (kernels/) on the CPU: Triton's interpreter where CUDA is absent -----------------------------
+def _triton_or_skip() -> None:
+    pytest.importorskip("triton", reason="Triton is not installed: the kernels= triton cases need it")
+
+
+def _golden_for(gen: Generator, golden_opens2s: Path, name: str) -> tuple[list[int], list[int]]:
+    golden = np.load(golden_opens2s / "golden.npz")
+    raw = golden[f"{name}/speech_ids_raw"].reshape(-1).tolist()
+    return golden[f"{name}/text_ids"].reshape(-1).tolist(), [i for i in raw if not gen.vocab.is_eos(i)]
+
+
+def test_triton_kernels_give_the_golden_ids(golden_opens2s: Path) -> None:
+    """The fixed-shape step (the code a CUDA graph captures) on the Triton primitive set: one window over the whole
+    cache (the attention kernel reads only the filled rows itself), the golden ids."""
+    _triton_or_skip()
+    gen = Generator(golden_opens2s, step_mode="static", max_context=512, attention_windows=WINDOWS)
+    use_kernels(gen, "triton")
+    assert gen.llm_step.windows == gen.tts_step.windows == (512,)
+    assert gen.model.llm_model.ops.name == gen.model.tts_lm_model.ops.name == "triton"
+    counts = _count_static_calls(gen)
+    result = gen(load_wav(golden_opens2s / "u1.wav"), GenerationOptions(**GREEDY_REF))
+    text_ids, speech_ids = _golden_for(gen, golden_opens2s, "u1")
+    assert (result.text_ids, result.speech_ids) == (text_ids, speech_ids)
+    assert counts["llm"] == len(text_ids) - 1 and counts["tts"] > 40
+
+
+def test_generate_with_triton_kernels_and_int8_weights(golden_opens2s: Path, capsys) -> None:
+    """The flags reach the model: the golden ids' start with the kernels, a shorter turn with int8 weights."""
+    _triton_or_skip()
+    base = ["generate", "--checkpoint", str(golden_opens2s), "--audio", str(golden_opens2s / "u1.wav"), "--greedy",
+            "--reference-sampling", "--json", "--kernels", "triton", "--max-context", "256", "--timings",
+            "--max-text-tokens", "6", "--max-speech-tokens", "12"]
+    assert cli_main(base) == 0
+    captured = capsys.readouterr()
+    reply = json.loads(captured.out)
+    text_ids, speech_ids = _golden_for(Generator(golden_opens2s, max_context=64), golden_opens2s, "u1")
+    assert reply["text_ids"] == text_ids[: len(reply["text_ids"])] and len(reply["text_ids"]) == 6
+    summary = json.loads(captured.err[captured.err.index("{"):])
+    assert (summary["kernels"], summary["weights"]) == ("triton", None)
+    assert cli_main([*base, "--weights", "int8"]) == 0
+    captured = capsys.readouterr()
+    assert 0 < len(json.loads(captured.out)["speech_ids"]) <= 12
+    assert json.loads(captured.err[captured.err.index("{"):])["weights"] == "int8"
+    with pytest.raises(DeviceError, match="kernels 'cuda' is not one of torch, triton"):
+        use_kernels(Generator(golden_opens2s, max_context=64), "cuda")
+
+
 # -- the command ----------------------------------------------------------------------------------------------
 @no_cuda
 def test_generate_on_cuda_without_cuda_is_a_clear_error(golden_opens2s: Path, capsys) -> None:
@@ -333,6 +386,44 @@ def test_compiled_step_on_cuda(golden_opens2s: Path, fp32_cuda: None) -> None:
     assert gen.step_mode == "compile"
     result = gen(load_wav(golden_opens2s / "u1.wav"), GenerationOptions(**GREEDY_REF))
     assert (result.text_ids, result.speech_ids) == _golden_ids(golden_opens2s, "u1", gen.vocab.eos_id)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["u1", "u2"])
+def test_triton_kernels_under_cuda_graphs_give_the_golden_ids(golden_opens2s: Path, fp32_cuda: None,
+                                                              name: str) -> None:
+    """fp32 on the GPU with the Triton kernels, every single-position step a replayed CUDA graph: one graph per
+    input kind (the whole cache, whatever the position), the golden ids, twice (the second turn replays)."""
+    _triton_or_skip()
+    gen = Generator(golden_opens2s, "fp32", 512, device="cuda", attention_windows=WINDOWS)
+    use_kernels(gen, "triton")
+    assert gen.warmup() == 3
+    wav = load_wav(golden_opens2s / f"{name}.wav")
+    text_ids, speech_ids = _golden_for(gen, golden_opens2s, name)
+    for _ in range(2):
+        result = gen(wav, GenerationOptions(**GREEDY_REF))
+        assert (result.text_ids, result.speech_ids) == (text_ids, speech_ids)
+    assert (gen.llm_step.graphs, gen.tts_step.graphs) == (1, 2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("weights", [None, "int8", "int4"])
+def test_triton_kernels_bf16_turn_on_cuda(golden_opens2s: Path, weights: str | None) -> None:
+    _triton_or_skip()
+    gen = Generator(golden_opens2s, "bf16", 512, device="cuda")
+    use_kernels(gen, "triton", weights)
+    result = gen(load_wav(golden_opens2s / "u1.wav"), GenerationOptions(greedy=True))
+    assert len(result.text_ids) > 1 and len(result.speech_ids) > 0
+    assert np.isfinite(result.llm_first_logits).all() and np.isfinite(result.tts_first_logits).all()
+
+
+@needs_cuda
+def test_triton_kernels_through_torch_compile(golden_opens2s: Path, fp32_cuda: None) -> None:
+    _triton_or_skip()
+    gen = Generator(golden_opens2s, "fp32", 256, device="cuda", compile=True)
+    use_kernels(gen, "triton")
+    result = gen(load_wav(golden_opens2s / "u1.wav"), GenerationOptions(**GREEDY_REF))
+    assert (result.text_ids, result.speech_ids) == _golden_for(gen, golden_opens2s, "u1")
 
 
 @needs_cuda
