@@ -270,8 +270,9 @@ def resample_reference(wav: np.ndarray, rate_in: int, rate_out: int = SAMPLE_RAT
     return np.ascontiguousarray(out[: math.ceil(up * wav.size / down)], dtype=np.float32)
 
 
-def read_audio(path: str | Path) -> AudioInput:
-    """A file as the reference reads it: float32, the first channel, resampled to 16 kHz (both reported)."""
+def read_audio(path: str | Path, report: bool = True) -> AudioInput:
+    """A file as the reference reads it: float32, the first channel, resampled to 16 kHz (both noted, and logged
+    unless `report=False`)."""
     path = Path(path)
     if not path.is_file():
         raise frontend.AudioInputError(f"audio file {path} does not exist")
@@ -283,11 +284,27 @@ def read_audio(path: str | Path) -> AudioInput:
         raise frontend.AudioInputError(f"audio file {path} is corrupt or not a supported format: {exc}") from exc
     if data.shape[0] == 0:
         raise frontend.AudioInputError(f"audio file {path} holds no samples")
-    return audio_input(data, rate, str(path))
+    return audio_input(data, rate, str(path), report)
 
 
-def audio_input(samples: np.ndarray, sample_rate: int, name: str = "audio") -> AudioInput:
-    """Samples ((n,) or (n, channels)) at any rate as the tokenizer's input, with what was changed noted."""
+def check_audio_file(path: str | Path) -> None:
+    """Cheap checks before a long run: the file exists, is not empty and its header is readable audio."""
+    path = Path(path)
+    if not path.is_file():
+        raise frontend.AudioInputError(f"audio file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise frontend.AudioInputError(f"audio file {path} is empty (expected a wav/flac/ogg file)")
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise frontend.AudioInputError(f"audio file {path} is corrupt or not a supported format: {exc}") from exc
+    if info.frames == 0:
+        raise frontend.AudioInputError(f"audio file {path} holds no samples")
+
+
+def audio_input(samples: np.ndarray, sample_rate: int, name: str = "audio", report: bool = True) -> AudioInput:
+    """Samples ((n,) or (n, channels)) at any rate as the tokenizer's input, with what was changed noted (and
+    logged as a warning unless `report=False`)."""
     data = np.asarray(samples, dtype=np.float32)
     data = data[:, None] if data.ndim == 1 else data
     if data.ndim != 2 or data.shape[0] == 0:
@@ -303,7 +320,7 @@ def audio_input(samples: np.ndarray, sample_rate: int, name: str = "audio") -> A
         item.wav = resample_reference(item.wav, sample_rate)
         item.resampled = True
         item.notes.append(f"resampled {sample_rate} Hz -> {SAMPLE_RATE} Hz")
-    for note in item.notes:
+    for note in item.notes if report else ():
         log.warning("%s: %s", name, note)
     return item
 

@@ -17,8 +17,11 @@ shards (`worker`, `num_workers`): a shard only depends on the same shard of the 
 
 The LLM and TTS are clients behind small protocols: `OpenAIChatClient` speaks the OpenAI-compatible
 `/chat/completions` API over urllib (vLLM, llama.cpp server, SGLang, hosted APIs); `HTTPTTSClient` posts to
-a TTS server; `EspeakTTS` runs espeak-ng locally. The speech tokenizer is a protocol too; the bundled
-`MelQuantizer` is a deterministic stand-in, not GLM-4-Voice's tokenizer (see its docstring).
+a TTS server; `EspeakTTS` runs espeak-ng locally. The speech tokenizer is a protocol too: with
+`PipelineConfig.speech_tokenizer` set to a GLM-4-Voice tokenizer folder (the released one, PyTorch, or a bundle from
+`opens2s-edge export-tokenizer`, onnxruntime) the units are GLM-4-Voice's own (training/speech_tokenizer.py); the
+default `MEL_QUANTIZER` names `MelQuantizer`, a deterministic no-weights stand-in for tests (see its docstring).
+Every training row records which tokenizer made its units (`meta.units_tokenizer`).
 """
 
 from __future__ import annotations
@@ -31,12 +34,13 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -45,6 +49,8 @@ import soundfile as sf
 
 from opens2s_edge.runtime.files import atomic_file, write_jsonl_atomic
 
+# PipelineConfig.speech_tokenizer's default: the no-weights stand-in, named so in configs and rows.
+MEL_QUANTIZER = "mel-quantizer"
 STEPS = ("seed", "instructions", "instruction_speech", "responses", "response_speech", "units")
 EMOTIONS = ("neutral", "happy", "sad", "angry", "fearful", "surprised", "disgusted")
 NUM_UNITS = 16384
@@ -70,6 +76,7 @@ class TTSClient(Protocol):
 
 
 class SpeechTokenizer(Protocol):
+    name: str  # recorded in every row's meta.units_tokenizer
     codebook_size: int
     rate_hz: float
 
@@ -228,6 +235,7 @@ class MelQuantizer:
     turns back into speech). Codes from this class exercise the pipeline and the training stages; speech
     decoded from a model trained on them is not meaningful."""
 
+    name = f"{MEL_QUANTIZER} (no-weights stand-in, not GLM-4-Voice units)"
     codebook_size = NUM_UNITS
     rate_hz = 12.5
     bits = 14
@@ -264,9 +272,17 @@ class PipelineConfig:
     concurrency: int = 1  # items in flight per step (LLM/TTS calls are latency-bound)
     llm_retries: int = 2  # extra LLM calls when an answer does not parse
     system_prompt: str = "You are a helpful assistant."
+    # The units step's tokenizer: a GLM-4-Voice tokenizer folder (released, or an export-tokenizer bundle), or
+    # MEL_QUANTIZER, the deterministic no-weights stand-in (units a decoder cannot speak; for tests).
+    speech_tokenizer: str | Path = MEL_QUANTIZER
 
     def __post_init__(self) -> None:
         self.seed_manifest, self.work_dir = Path(self.seed_manifest), Path(self.work_dir)
+        if self.speech_tokenizer != MEL_QUANTIZER:
+            self.speech_tokenizer = Path(self.speech_tokenizer)
+            if not self.speech_tokenizer.is_dir():
+                raise PipelineError(f"speech_tokenizer {self.speech_tokenizer} is not a folder (a GLM-4-Voice "
+                                    f"tokenizer or tokenizer bundle; {MEL_QUANTIZER!r} for the stand-in)")
         if self.num_shards < 1:
             raise PipelineError("num_shards must be >= 1")
 
@@ -285,7 +301,20 @@ class StepReport:
 class Clients:
     llm: ChatClient
     tts: TTSClient
-    tokenizer: SpeechTokenizer = field(default_factory=MelQuantizer)
+    tokenizer: SpeechTokenizer | None = None  # None: the one PipelineConfig.speech_tokenizer names
+
+
+def open_units_tokenizer(choice: str | Path, seed: int = 0) -> SpeechTokenizer:
+    """`MEL_QUANTIZER` -> MelQuantizer(seed); a folder -> GLM-4-Voice's tokenizer (PyTorch, or onnxruntime for a
+    tokenizer bundle)."""
+    if choice == MEL_QUANTIZER:
+        return MelQuantizer(seed)
+    from .speech_tokenizer import SpeechTokenizerError, open_speech_tokenizer
+
+    try:
+        return open_speech_tokenizer(Path(choice))
+    except SpeechTokenizerError as exc:
+        raise PipelineError(f"speech tokenizer: {exc}") from exc
 
 
 def step_dir(cfg: PipelineConfig, step: str) -> Path:
@@ -440,6 +469,16 @@ class Steps:
 
     def __init__(self, cfg: PipelineConfig, clients: Clients):
         self.cfg, self.clients = cfg, clients
+        self._tokenizer = clients.tokenizer
+        self._lock = threading.Lock()
+
+    @property
+    def tokenizer(self) -> SpeechTokenizer:
+        # Loaded on first use: the other steps never need the model in memory.
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = open_units_tokenizer(self.cfg.speech_tokenizer)
+            return self._tokenizer
 
     def instructions(self, row: dict) -> dict:
         prompt = INSTRUCTION_PROMPT.format(labels=_labels(row), text=row["text"])
@@ -476,7 +515,7 @@ class Steps:
 
     def units(self, row: dict) -> dict:
         wav, sr = sf.read(row["response_audio"], dtype="float32", always_2d=True)
-        tok = self.clients.tokenizer
+        tok = self.tokenizer
         units = tok.encode(wav.mean(axis=1), sr)
         if any(not 0 <= u < NUM_UNITS for u in units):
             raise ItemError(f"tokenizer produced units outside 0..{NUM_UNITS - 1} for {row['id']}")
@@ -490,9 +529,17 @@ class Steps:
                                                    "speech_units": "".join(f"<|audio_{u}|>" for u in units),
                                                    "spk_emb": ""}]},
             ],
-            "meta": {k: row[k] for k in ("audio", "text", "emotion", "gender", "age", "instruction",
-                                         "response_emotion", "response_audio") if k in row},
+            "meta": {**{k: row[k] for k in ("audio", "text", "emotion", "gender", "age", "instruction",
+                                            "response_emotion", "response_audio") if k in row},
+                     "units_tokenizer": units_tokenizer_name(tok)},
         }
+
+
+def units_tokenizer_name(tok: object) -> str:
+    """What made a row's units: the tokenizer's name, and the folder it was loaded from when it has one."""
+    name = str(getattr(tok, "name", type(tok).__name__))
+    source = getattr(tok, "source", None)
+    return f"{name} ({source})" if source else name
 
 
 def _safe(item_id: str) -> str:

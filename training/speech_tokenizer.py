@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -426,14 +426,3 @@ def _random_decoder(config: dict, d: int) -> dict[str, Tensor]:
         out[f"{p}fc2.weight"], out[f"{p}fc2.bias"] = 0.02 * torch.randn(d, ffn), torch.zeros(d)
         out[f"{p}final_layer_norm.weight"], out[f"{p}final_layer_norm.bias"] = torch.ones(d), torch.zeros(d)
     return out
-
-
-def describe(tokenizer: object) -> str:
-    """A one-line name of a tokenizer for rows and logs: which kind and where it was loaded from."""
-    source = getattr(tokenizer, "source", None)
-    name = getattr(tokenizer, "name", type(tokenizer).__name__)
-    return f"{name}:{source}" if source else str(name)
-
-
-__all__: Sequence[str] = ("WhisperVQEncoder", "GLM4VoiceTokenizer", "load_encoder", "open_speech_tokenizer",
-                          "write_random_tokenizer", "whisper_vq_config", "read_encoder_state", "SpeechTokenizerError")

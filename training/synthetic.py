@@ -1,8 +1,10 @@
 """A small synthetic training set, made on the spot: espeak-ng speech of generated sentences, their
 transcripts, generated assistant replies, and deterministic units of the spoken replies.
 
-The units come from data_pipeline.MelQuantizer (12.5 Hz, 16384 codes), a stand-in for GLM-4-Voice's
-tokenizer: the set is for exercising the stages (the loss must fall), not for a model that speaks.
+By default the units come from data_pipeline.MelQuantizer (12.5 Hz, 16384 codes), the no-weights stand-in for
+GLM-4-Voice's tokenizer: such a set is for exercising the stages (the loss must fall), not for a model that speaks.
+Given `speech_tokenizer` (a GLM-4-Voice tokenizer folder or tokenizer bundle) the units are GLM-4-Voice's. Every row
+says which made its units (`units_tokenizer`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 import soundfile as sf
 
 from .data import units_to_text, write_jsonl_atomic
-from .data_pipeline import EspeakTTS, MelQuantizer
+from .data_pipeline import MEL_QUANTIZER, EspeakTTS, open_units_tokenizer, units_tokenizer_name
 
 _SUBJECTS = ("the cat", "my friend", "the teacher", "a small dog", "my sister", "the old man", "our team")
 _VERBS = ("found", "lost", "painted", "opened", "watched", "carried", "cleaned")
@@ -30,15 +32,18 @@ def sentence(rng: random.Random) -> tuple[str, str]:
 
 
 def make_synthetic_dataset(out_dir: str | Path, n: int = 8, seed: int = 0, text_only: int = 0,
-                           speaker_every: int = 0) -> Path:
+                           speaker_every: int = 0, speech_tokenizer: str | Path = MEL_QUANTIZER) -> Path:
     """Write `out_dir/data.jsonl` with `n` speech rows (+ `text_only` rows whose user turn is text) and
-    the wavs beside it. Every `speaker_every`-th row carries a speaker embedding (.npy). Returns the jsonl."""
+    the wavs beside it. Every `speaker_every`-th row carries a speaker embedding (.npy). `speech_tokenizer`: a
+    GLM-4-Voice tokenizer folder for real units, or MEL_QUANTIZER (the stand-in, seeded by `seed`).
+    Returns the jsonl."""
     out_dir = Path(out_dir)
     wavs = out_dir / "wavs"
     wavs.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     tts = EspeakTTS()
-    quantizer = MelQuantizer(seed)
+    quantizer = open_units_tokenizer(speech_tokenizer, seed)
+    units_name = units_tokenizer_name(quantizer)
     rows = []
     for i in range(n + text_only):
         user, reply = sentence(rng)
@@ -59,5 +64,5 @@ def make_synthetic_dataset(out_dir: str | Path, n: int = 8, seed: int = 0, text_
             user_item = {"text": user, "audio": "", "speech_units": "", "spk_emb": ""}
         rows.append({"messages": [{"role": "user", "content": [user_item]},
                                   {"role": "assistant", "content": [assistant]}],
-                     "transcript": user})
+                     "transcript": user, "units_tokenizer": units_name})
     return write_jsonl_atomic(out_dir / "data.jsonl", rows)
