@@ -270,8 +270,9 @@ class GLM4VoiceTokenizer:
     @torch.inference_mode()
     def quantize_input(self, features: np.ndarray, frame_lengths: np.ndarray,
                        keep: list[Tensor] | None = None) -> np.ndarray:
-        states, _ = self.model.quantize_input(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)),
-                                              torch.from_numpy(np.asarray(frame_lengths, dtype=np.int64)), keep)
+        states, _ = self.model.quantize_input(
+            torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device),
+            torch.from_numpy(np.asarray(frame_lengths, dtype=np.int64)).to(self.device), keep)
         return states.cpu().numpy()
 
     def tokenize(self, inputs: Iterable[np.ndarray], batch_size: int = BATCH_SEGMENTS,
