@@ -537,6 +537,9 @@ def test_pipeline_units_step(golden_tokenizer: Path, tok_bundle: Path, golden: d
         PipelineConfig,
         PipelineError,
         Steps,
+        read_jsonl,
+        run_pipeline,
+        shard_path,
     )
 
     row = {"id": "x", "instruction_audio": "q.wav", "response": "Hello.",
@@ -553,6 +556,15 @@ def test_pipeline_units_step(golden_tokenizer: Path, tok_bundle: Path, golden: d
     assert out["meta"]["units_tokenizer"].startswith("mel-quantizer (no-weights stand-in")
     with pytest.raises(PipelineError, match="not a folder"):
         PipelineConfig(tmp_path / "seed.jsonl", tmp_path / "work", speech_tokenizer=tmp_path / "nope")
+    # Through run_pipeline: the units step of a shard whose response speech is done.
+    cfg = PipelineConfig(tmp_path / "seed.jsonl", tmp_path / "run", num_shards=1, speech_tokenizer=tok_bundle)
+    shard = shard_path(cfg, "response_speech", 0)
+    shard.parent.mkdir(parents=True)
+    shard.write_text(json.dumps(row) + "\n")
+    reports = run_pipeline(cfg, Clients(llm=None, tts=None), steps=["units"])
+    assert [(r.step, r.status, r.items, r.failed) for r in reports] == [("units", "done", 1, 0)]
+    (written,) = read_jsonl(shard_path(cfg, "units", 0))
+    assert written["messages"][2]["content"][0]["speech_units"] == want
 
 
 def test_synthetic_set_with_the_tokenizer(tok_bundle: Path, tmp_path: Path) -> None:
