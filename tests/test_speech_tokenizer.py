@@ -595,3 +595,29 @@ def test_bad_samples_are_named(golden_tokenizer: Path) -> None:
         tok.tokenize([np.zeros(100, np.float32), np.zeros(0, np.float32)])
     with pytest.raises(AudioInputError, match="sample rate 0"):
         tok.encode(np.zeros(10, np.float32), 0)
+
+
+def test_ema_buffers_expected_when_the_config_names_a_decay(small_tokenizer: Path) -> None:
+    path = small_tokenizer / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "quantize_ema_decay": 0.99}))
+    with pytest.raises(st.SpeechTokenizerError, match="missing keys \\(2\\): ema_count, ema_weight"):
+        load_encoder(small_tokenizer)
+    tensors = load_file(small_tokenizer / "model.safetensors")
+    tensors["model.encoder.ema_count"] = np.ones(64, np.float32)
+    tensors["model.encoder.ema_weight"] = np.zeros((64, 32), np.float32)
+    save_file(tensors, str(small_tokenizer / "model.safetensors"))
+    load_encoder(small_tokenizer)
+
+
+def test_released_sizes_on_meta() -> None:
+    """The released tokenizer's structure (Whisper-large-v3 encoder, 16 of 32 layers used, 16384 codes)."""
+    from opens2s_edge.training.speech_tokenizer import expected_shapes, whisper_vq_config
+
+    cfg = whisper_vq_config(d_model=1280, encoder_layers=32, heads=20, ffn_dim=5120, pooling_position=16,
+                            quantize_position=16)
+    s = st.TokenizerStructure.from_config(cfg)
+    shapes = expected_shapes(s)
+    assert shapes["codebook.weight"] == (16384, 1280) and shapes["embed_positions2.weight"] == (375, 1280)
+    assert "layers.15.fc2.weight" in shapes and "layers.16.fc1.weight" not in shapes
+    assert s.frames_per_token == 8 and s.stride_samples(160) == 1280
+    assert 330e6 < sum(int(np.prod(v)) for v in shapes.values()) < 345e6
