@@ -26,6 +26,7 @@ if not torch.cuda.is_available():
 
 from opens2s_edge.cli import main as cli_main  # noqa: E402
 from opens2s_edge.runtime.audio import load_wav  # noqa: E402
+from opens2s_edge.runtime.prompt import SpeechVocab  # noqa: E402
 from opens2s_edge.training.checkpoint import load_checkpoint  # noqa: E402
 from opens2s_edge.training.cuda_backend import (  # noqa: E402
     DeviceError,
@@ -45,7 +46,8 @@ HELLO = REPO / "opens2s_edge" / "assets" / "hello.wav"
 WINDOWS = (16, 32, 64, 128, 512)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-GREEDY_REF = dict(greedy=True, reference_sampling=True)
+# The golden budgets: 24 text and 96 speech tokens.
+GREEDY_REF = dict(greedy=True, reference_sampling=True, max_text_tokens=24, max_speech_tokens=96)
 
 
 @pytest.fixture(autouse=True)
@@ -53,10 +55,10 @@ def _one_thread(torch_one_thread: None) -> None:
     return None
 
 
-def _golden_ids(golden_opens2s: Path, name: str, eos_id: int) -> tuple[list[int], list[int]]:
+def _golden_ids(golden_opens2s: Path, name: str, vocab: SpeechVocab) -> tuple[list[int], list[int]]:
     golden = np.load(golden_opens2s / "golden.npz")
     raw = golden[f"{name}/speech_ids_raw"].reshape(-1).tolist()
-    return golden[f"{name}/text_ids"].reshape(-1).tolist(), [i for i in raw if i != eos_id]
+    return golden[f"{name}/text_ids"].reshape(-1).tolist(), [i for i in raw if not vocab.is_eos(i)]
 
 
 def _count_static_calls(gen: Generator) -> dict[str, int]:
@@ -84,7 +86,7 @@ def test_static_step_gives_the_golden_ids(static_golden: Generator, golden_opens
     gen = static_golden
     counts = _count_static_calls(gen)
     result = gen(load_wav(golden_opens2s / f"{name}.wav"), GenerationOptions(**GREEDY_REF))
-    text_ids, speech_ids = _golden_ids(golden_opens2s, name, gen.vocab.eos_id)
+    text_ids, speech_ids = _golden_ids(golden_opens2s, name, gen.vocab)
     assert result.text_ids == text_ids
     assert result.speech_ids == speech_ids
     # Every text step and every speech step went through the fixed-shape step, across several windows.
@@ -321,7 +323,7 @@ def test_cuda_graphs_eager_cuda_and_cpu_agree_on_golden(golden_opens2s: Path, fp
     assert graphs.step_mode == "graph"
     eager = Generator(golden_opens2s, "fp32", 512, device="cuda", cuda_graphs=False)
     cpu = Generator(golden_opens2s, max_context=512)
-    text_ids, speech_ids = _golden_ids(golden_opens2s, name, cpu.vocab.eos_id)
+    text_ids, speech_ids = _golden_ids(golden_opens2s, name, cpu.vocab)
     first = graphs(wav, options)
     again = graphs(wav, options)  # the second turn replays the graphs captured in the first
     for result in (first, again, eager(wav, options), cpu(wav, options)):
@@ -356,7 +358,7 @@ def test_warmup_captures_every_window(golden_opens2s: Path, fp32_cuda: None) -> 
     # The LLM's token step, the TTS LM's token and single-state steps, each for every window.
     assert gen.warmup() == 3 * len(WINDOWS)
     result = gen(load_wav(golden_opens2s / "u1.wav"), GenerationOptions(**GREEDY_REF))
-    assert (result.text_ids, result.speech_ids) == _golden_ids(golden_opens2s, "u1", gen.vocab.eos_id)
+    assert (result.text_ids, result.speech_ids) == _golden_ids(golden_opens2s, "u1", gen.vocab)
     assert (gen.llm_step.graphs, gen.tts_step.graphs) == (len(WINDOWS), 2 * len(WINDOWS))  # none mid-turn
 
 
@@ -385,7 +387,7 @@ def test_compiled_step_on_cuda(golden_opens2s: Path, fp32_cuda: None) -> None:
     gen = Generator(golden_opens2s, "fp32", 256, device="cuda", compile=True)
     assert gen.step_mode == "compile"
     result = gen(load_wav(golden_opens2s / "u1.wav"), GenerationOptions(**GREEDY_REF))
-    assert (result.text_ids, result.speech_ids) == _golden_ids(golden_opens2s, "u1", gen.vocab.eos_id)
+    assert (result.text_ids, result.speech_ids) == _golden_ids(golden_opens2s, "u1", gen.vocab)
 
 
 @needs_cuda

@@ -12,7 +12,6 @@ import pytest
 from opens2s_edge.runtime.audio import load_wav
 from opens2s_edge.training.generate import GenerationOptions, Generator
 
-
 # The budgets the reference was run with (golden README: "a 24-token text budget and a 96-token speech budget").
 BUDGET = dict(max_text_tokens=24, max_speech_tokens=96)
 

@@ -117,13 +117,15 @@ def test_stage3_lora_checkpoint_is_plain_opens2s_and_generates(setup: dict[str, 
     assert set(read_state_dict(out)) == set(read_state_dict(setup["ckpt"])), "LoRA keys must be merged away"
     merged = load_checkpoint(out)
 
-    # The merged weights compute what the LoRA-wrapped model computed.
+    # The merged weights compute what the LoRA-wrapped model computed. The checkpoint is stored in its config's
+    # dtype (bf16, as released), so each weight is rounded to 2^-9 relative: the outputs agree to ~1%.
+    assert read_state_dict(out)["llm_model.lm_head.weight"].dtype == torch.bfloat16
     x = torch.randn(1, 7, merged.config.llm.hidden_size)
     trainer.model.eval()
     with torch.no_grad():
         ref, _ = trainer.model.llm_model(x)
         got, _ = merged.llm_model(x)
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert float((got - ref).abs().max() / ref.abs().max()) < 2e-2
 
     wav_path = setup["root"] / "syn" / "wavs" / "user_0000.wav"
     result = Generator(out)(load_wav(wav_path), GenerationOptions(greedy=True, max_text_tokens=12,
