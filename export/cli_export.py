@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
+
+
+def _form(value: str) -> str:
+    """classic, modern, or trtX.Y: the form TensorRT X.Y parses (resolved in main, where onnx may be imported)."""
+    if value in ("classic", "modern") or re.fullmatch(r"trt\d+\.\d+(\.\d+)*", value):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is not classic, modern or trtX.Y (a TensorRT version: trt10.3, "
+                                     "trt10.16, trt11.4)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -14,9 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--max-context", type=int, default=2048, help="KV-cache length of the LLM and TTS LM graphs")
     p.add_argument("--max-audio-seconds", type=int, default=30, help="longest user utterance the audio graph takes")
-    p.add_argument("--form", choices=["classic", "modern"], default="classic",
-                   help="decoder graph ops: classic (ScatterElements + MatMul/Softmax; TensorRT 10.3, JetPack 6) or "
-                        "modern (opset 24 TensorScatter, Attention, RMSNormalization, RotaryEmbedding; TensorRT 10.15)")
+    p.add_argument("--form", type=_form, default="classic", metavar="classic|modern|trtX.Y",
+                   help="decoder graph ops: classic (ScatterElements + MatMul/Softmax; TensorRT 10.3, JetPack 6), "
+                        "modern (opset 24 TensorScatter, Attention, RMSNormalization, RotaryEmbedding; TensorRT 10.15 "
+                        "and later), or trtX.Y: the form TensorRT X.Y parses, every graph then checked against that "
+                        "release's ONNX support list (trt10.3 -> classic, trt10.16 / trt11.4 -> modern)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
 
 
@@ -27,16 +38,38 @@ def main(args: argparse.Namespace) -> int:
     from opens2s_edge.training.token2wav.config import DecoderConfigError
     from opens2s_edge.training.token2wav.decoder import DecoderFilesError
 
-    from .checks import GraphCheckError
+    from .checks import GraphCheckError, UnsupportedTensorRT, release_for, tensorrt_readiness
     from .pipeline import ExportError, export_bundle
 
     for name, path in (("--checkpoint", args.checkpoint), ("--decoder", args.decoder)):
         if not path.is_dir():
             raise UserError(f"{name} {path} is not a folder")
+    release = None
+    form = args.form
+    if form.startswith("trt"):
+        try:
+            release = release_for(form[3:])
+        except UnsupportedTensorRT as exc:
+            raise UserError(str(exc)) from exc
+        form = release.form
+        print(f"[export] --form {args.form}: the {form} form (TensorRT {release.name}'s ONNX support list: "
+              f"{release.covers})", flush=True)
     try:
-        export_bundle(args.checkpoint, args.decoder, args.out, args.dtype, args.max_context, args.max_audio_seconds,
-                      args.force, progress=lambda line: print(line, flush=True), form=args.form)
+        bundle = export_bundle(args.checkpoint, args.decoder, args.out, args.dtype, args.max_context,
+                               args.max_audio_seconds, args.force, progress=lambda line: print(line, flush=True),
+                               form=form)
     except (ExportError, CheckpointError, TokenizerError, DecoderFilesError, DecoderConfigError,
             GraphCheckError) as exc:
         raise UserError(str(exc)) from exc
+    if release is not None:
+        # The export itself checks against the 10.15 list; a bundle for another release is checked against its own.
+        from opens2s_edge.runtime.bundle import load_bundle
+
+        loaded = load_bundle(bundle, verify=False)
+        problems = [f"{g}: {p}" for g in loaded.manifest["graphs"]
+                    for p in tensorrt_readiness(loaded.graph_path(g), release=release)]
+        if problems:
+            raise UserError(f"{bundle} was written, but TensorRT {release.name} would not parse it:\n  "
+                            + "\n  ".join(problems))
+        print(f"[export] every graph is ready for TensorRT {release.name}", flush=True)
     return 0

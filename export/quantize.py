@@ -273,6 +273,111 @@ def quantize_graph(src: Path, dst: Path, precision: str, samples: list[dict[str,
     return dst
 
 
+# -- symmetric weights for TensorRT ------------------------------------------------------------------------------------
+# Integer weight types a DequantizeLinear may read, by ONNX element type: (bits, signed).
+_WEIGHT_TYPES = {onnx.TensorProto.INT8: (8, True), onnx.TensorProto.UINT8: (8, False),
+                 onnx.TensorProto.INT4: (4, True), onnx.TensorProto.UINT4: (4, False)}
+
+
+def _expand(scale: np.ndarray, shape: tuple[int, ...], axis: int, block: int) -> np.ndarray:
+    """A DequantizeLinear scale (or zero point) broadcast to the quantized tensor's shape, per the ONNX spec:
+    a scalar (per tensor), a 1-D vector along `axis` (per axis), or a blocked tensor of the input's rank."""
+    if scale.ndim == 0 or scale.size == 1:
+        return np.broadcast_to(scale.reshape(()), shape)
+    if block:
+        return np.repeat(scale, block, axis=axis).take(np.arange(shape[axis]), axis=axis)
+    view = [1] * len(shape)
+    view[axis] = scale.shape[0]
+    return np.broadcast_to(scale.reshape(view), shape)
+
+
+def _group_amax(w: np.ndarray, scale_shape: tuple[int, ...], axis: int, block: int) -> np.ndarray:
+    """max |w| over the elements that share one scale, in the scale's shape."""
+    if len(scale_shape) == 0 or int(np.prod(scale_shape)) == 1:
+        return np.abs(w).max().reshape(scale_shape)
+    if block:
+        n = w.shape[axis]
+        pad = [(0, 0)] * w.ndim
+        pad[axis] = (0, -n % block)
+        padded = np.abs(np.pad(w, pad))
+        grouped = padded.reshape(*padded.shape[:axis], padded.shape[axis] // block, block, *padded.shape[axis + 1:])
+        return grouped.max(axis=axis + 1)
+    others = tuple(i for i in range(w.ndim) if i != axis)
+    return np.abs(w).max(axis=others)
+
+
+def _int4():
+    try:
+        import ml_dtypes
+    except ImportError as exc:
+        raise QuantizeError(f"int4 weights are written through ml_dtypes: {MODELOPT_HINT} ({exc})") from exc
+    return ml_dtypes.int4
+
+
+def fold_zero_points(src: Path, dst: Path | None = None, widen: bool = False) -> int:
+    """Rewrite every DequantizeLinear of a constant weight that has a nonzero zero point (asymmetric quantization,
+    e.g. onnxruntime's int4 weight-only QDQ: UINT4 with zero points) as a symmetric one, which is what TensorRT's
+    DequantizeLinear takes: the weight is dequantized exactly (float64), then quantized again with a zero zero point
+    and one new scale per group of the same granularity (per tensor, per axis or per block), as INT8 / INT4. Each
+    weight moves by at most half a new quantization step. `widen`: a 4-bit weight becomes INT8 `x - zero_point`
+    with its scale unchanged instead, which is exact (both lie in 0..15, so the difference fits) at twice the bytes.
+    Activations (computed inputs) are left alone: an asymmetric activation cannot be folded away. Writes `dst`
+    (default: `src` in place, external data beside it); returns the number of weights rewritten (0: nothing
+    written)."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))  # with its external data: the weights are rewritten
+    inits = {t.name: t for t in model.graph.initializer}
+    consumers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    folded = 0
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3 or not node.input[2]:
+            continue
+        x_name, s_name, z_name = node.input[:3]
+        if not all(n in inits for n in (x_name, s_name, z_name)) or inits[x_name].data_type not in _WEIGHT_TYPES:
+            continue
+        zero = numpy_helper.to_array(inits[z_name]).astype(np.float64)
+        if not zero.any():
+            continue
+        bits, _ = _WEIGHT_TYPES[inits[x_name].data_type]
+        attrs = {a.name: a.i for a in node.attribute if a.name in ("axis", "block_size")}
+        x = numpy_helper.to_array(inits[x_name]).astype(np.float64)
+        axis, block = attrs.get("axis", 1) % max(x.ndim, 1), attrs.get("block_size", 0)
+        scale_arr = numpy_helper.to_array(inits[s_name])
+        weight = (x - _expand(zero, x.shape, axis, block)) * _expand(scale_arr.astype(np.float64), x.shape, axis, block)
+        if widen and bits == 4:
+            q, new_scale, bits = x - _expand(zero, x.shape, axis, block), scale_arr, 8
+        else:
+            qmax = 127 if bits == 8 else 7
+            new_scale = (_group_amax(weight, scale_arr.shape, axis, block) / qmax).astype(scale_arr.dtype)
+            new_scale = np.where(new_scale > 0, new_scale, np.finfo(scale_arr.dtype).tiny).astype(scale_arr.dtype)
+            q = np.clip(np.round(weight / _expand(new_scale.astype(np.float64), x.shape, axis, block)), -qmax, qmax)
+        q_tensor = numpy_helper.from_array(q.astype(np.int8 if bits == 8 else _int4()), f"{x_name}_symmetric")
+        s_tensor = numpy_helper.from_array(new_scale, f"{s_name}_symmetric")
+        model.graph.initializer.extend([q_tensor, s_tensor])
+        del node.input[2:]  # no zero point: zero
+        node.input[0], node.input[1] = q_tensor.name, s_tensor.name
+        for name in (x_name, s_name, z_name):
+            consumers[name] -= 1
+        folded += 1
+    if not folded:
+        return 0
+    unused = {n for n, c in consumers.items() if c == 0}
+    kept = [t for t in model.graph.initializer if t.name not in unused]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    dst = Path(dst or src)
+    names = _external_files(Path(src))
+    location = names[0].name if names and dst == Path(src) else f"{dst.name}.data"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    (dst.parent / location).unlink(missing_ok=True)  # onnx appends to an existing external data file
+    onnx.save(model, str(dst), save_as_external_data=True, location=location, size_threshold=1024)
+    return folded
+
+
 def calibration_providers() -> list[str]:
     """ModelOpt calibration EPs: the GPU when this onnxruntime has the CUDA EP, else the CPU."""
     import onnxruntime as ort
@@ -304,5 +409,8 @@ def quantize_bundle_graphs(bundle: Bundle, graphs: Sequence[str], precision: str
         dtype = bundle.graph(name).get("dtype", bundle.manifest.get("dtype"))
         out[name] = quantize_graph(bundle.graph_path(name), out_dir / f"{name}.onnx", precision, samples[name],
                                    _graph_inputs(bundle, name), dtype, eps)
-        progress(f"[quantize] {name}: {precision} with ModelOpt ({time.perf_counter() - t0:.1f} s)")
+        # TensorRT's DequantizeLinear needs zero zero points: an asymmetric weight (if any) becomes symmetric.
+        folded = fold_zero_points(out[name])
+        progress(f"[quantize] {name}: {precision} with ModelOpt ({time.perf_counter() - t0:.1f} s)"
+                 + (f"; {folded} asymmetric weight(s) folded to symmetric" if folded else ""))
     return out

@@ -16,8 +16,15 @@ network keeps exactly those types. The classic alternative, an fp32 network buil
 pick fp16 anywhere, which is what gives CosyVoice's flow NaN or silence (CosyVoice issues 1113, 1114, 1460).
 Quantized graphs (Q/DQ from ModelOpt) are built strongly typed too, as TensorRT 10's documentation asks for explicit
 quantization ("precision-control build flags are not required and should not be specified"); `weakly_typed` is
-an opt-in for int8/fp8 only, for a TensorRT release that rejects a Q/DQ graph in strongly typed mode: the old
+an opt-in for int8/fp8 only, for a TensorRT 10 release that rejects a Q/DQ graph in strongly typed mode: the old
 documented recipe of INT8/FP8 plus FP16/BF16 flags.
+
+TensorRT versions (`builder_settings`, keyed on the version string, so it is tested without TensorRT): 10.x takes
+the STRONGLY_TYPED network creation flag; 11 removed weakly typed networks, the FP16/BF16/INT8/FP8/INT4/FP4 builder
+flags and implicit INT8 calibration, its networks are strongly typed by default, and `--weakly-typed` is refused
+there (`RemovedInTensorRT11`) with what to do instead. The readiness check uses the support list of the TensorRT the
+engines are for (export/checks.py `release_for`): the installed one, or JetPack 6.2's 10.3 for `--target orin`
+without one, or `--tensorrt-version` for a dry run.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from opens2s_edge.runtime.engines import (
 from opens2s_edge.runtime.files import atomic_file
 from opens2s_edge.runtime.token2wav_stream import StreamConfig
 
-from .checks import DEFAULT_TSV, tensorrt_readiness
+from .checks import TensorRTRelease, UnsupportedTensorRT, opset_notes, release_for, tensorrt_readiness
 from .trt_profiles import Profile, derive_profiles, stream_record
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4-weight")
@@ -73,8 +80,46 @@ INSTALL_HINT = (
     "`opens2s-edge build BUNDLE --dry-run` checks the bundle and prints the profiles without TensorRT.")
 
 
+# JetPack 6.2 (Jetson Orin) ships TensorRT 10.3: what `--target orin` assumes when no TensorRT is installed here.
+JETPACK6_TENSORRT = "10.3"
+# Builder flags TensorRT 11 removed (weak typing and its precision switches).
+REMOVED_IN_11 = ("FP16", "BF16", "INT8", "FP8", "INT4", "FP4", "OBEY_PRECISION_CONSTRAINTS",
+                 "PREFER_PRECISION_CONSTRAINTS")
+
+
 class BuildError(RuntimeError):
     """The engines cannot be built as asked; the message says why and what to do instead."""
+
+
+class RemovedInTensorRT11(BuildError):
+    """An option that needs what TensorRT 11 removed (weakly typed networks, precision builder flags)."""
+
+
+@dataclass(frozen=True)
+class BuilderSettings:
+    """How one graph is handed to TensorRT: network creation flags, builder flags to set and to clear (by name, as
+    attributes of trt.NetworkDefinitionCreationFlag / trt.BuilderFlag)."""
+
+    strongly_typed: bool
+    creation_flags: tuple[str, ...] = ()
+    set_flags: tuple[str, ...] = ()
+    clear_flags: tuple[str, ...] = ()
+
+
+def tensorrt_major(version: str | None) -> int | None:
+    return None if version is None else version_tuple(version)[0]
+
+
+def builder_settings(trt_version: str, precision: str, weakly_typed: bool = False, bundle_dtype: str = "fp16",
+                     fp32: bool = False) -> BuilderSettings:
+    """The flags for TensorRT `trt_version` (pure: tested on version strings). 10.x: strongly typed through the
+    STRONGLY_TYPED creation flag (or weakly typed with precision flags when asked, int8/fp8 only); 11: strongly typed
+    is the default and the only mode, so no creation flag and no precision flag. `fp32`: TF32 cleared (an fp32
+    engine is asked for fp32 accuracy)."""
+    strongly_typed, flags = network_typing(precision, weakly_typed, bundle_dtype, trt_version)
+    major = tensorrt_major(trt_version)
+    creation = ("STRONGLY_TYPED",) if strongly_typed and major is not None and major < 11 else ()
+    return BuilderSettings(strongly_typed, creation, tuple(flags), ("TF32",) if fp32 else ())
 
 
 def capability_tuple(gpu: GpuInfo) -> tuple[int, int]:
@@ -164,14 +209,21 @@ class BuildPlan:
     readiness: dict[str, list[str]]
     quantize: list[str] = field(default_factory=list)  # graphs ModelOpt quantizes first
     stream: StreamConfig = field(default_factory=StreamConfig)
+    release: TensorRTRelease = field(default_factory=lambda: release_for(None))  # the support list checked against
+    tensorrt: str | None = None  # the version the checks are for (installed, assumed or asked), None: unknown
+    notes: dict[str, list[str]] = field(default_factory=dict)  # per graph: opsets outside the documented range
 
     def lines(self) -> list[str]:
         from .trt_profiles import describe
 
         m = self.bundle.manifest
+        version = f"TensorRT {self.tensorrt}" if self.tensorrt else "TensorRT unknown here"
         out = [f"bundle {self.bundle.root}: dtype {m.get('dtype')}, form {m.get('form')}, "
                f"max context {m.get('llm', {}).get('max_context')}",
-               f"precision {self.precision}, target {self.target}"]
+               f"precision {self.precision}, target {self.target}",
+               f"checked against {version}: the {self.release.name} ONNX support list ({self.release.covers}; "
+               f"opsets {self.release.opsets[0]}..{self.release.opsets[1]}), "
+               + ("strongly typed networks only" if not self.release.weak_typing else "strongly typed build")]
         if self.quantize:
             out.append(f"quantized with ModelOpt ({self.precision}): {', '.join(self.quantize)}; other graphs at "
                        f"the bundle's dtype")
@@ -182,14 +234,28 @@ class BuildPlan:
             problems = self.readiness[name]
             out.append(f"  {name}: " + ("ready" if not problems else f"{len(problems)} problem(s)"))
             out += [f"    {p}" for p in problems]
+            out += [f"    note: {n}" for n in self.notes.get(name, [])]
         return out
+
+
+def checked_version(trt_version: str | None, target: str) -> str | None:
+    """The TensorRT version the checks are for: the installed (or asked) one, else JetPack 6.2's for Orin, else
+    unknown (the 10.15 list, the one export checks against)."""
+    if trt_version is not None:
+        return trt_version
+    return JETPACK6_TENSORRT if target == "orin" else None
 
 
 def plan_build(bundle_path: Path, precision: str | None = None, target: str = "auto", graphs: list[str] | None = None,
                gpu: GpuInfo | None = None, trt_version: str | None = None, stream: StreamConfig | None = None,
-               tsv: Path = DEFAULT_TSV, verify: bool = True) -> BuildPlan:
+               tsv: Path | None = None, verify: bool = True) -> BuildPlan:
     """Everything that can be checked without TensorRT; raises BuildError (or BundleError) on the first refusal
-    except readiness, whose problems are collected per graph (see `require_ready`)."""
+    except readiness, whose problems are collected per graph (see `require_ready`). `trt_version`: the TensorRT the
+    engines are for (the installed one; a dry run may name one); `tsv` overrides its support list."""
+    try:
+        release = release_for(trt_version)
+    except UnsupportedTensorRT as exc:
+        raise BuildError(str(exc)) from exc
     bundle = load_bundle(bundle_path, verify=verify)
     manifest = bundle.manifest
     precision = precision or manifest.get("dtype", "fp16")  # default: the precision the bundle was exported in
@@ -199,11 +265,15 @@ def plan_build(bundle_path: Path, precision: str | None = None, target: str = "a
     if unknown:
         raise BuildError(f"--graphs: {', '.join(unknown)} not in the bundle (has: {', '.join(manifest['graphs'])})")
     resolved = check_target(target, graph_forms(manifest, names), precision, gpu, trt_version, manifest, bundle.root)
+    version = checked_version(trt_version, resolved)
+    release = release_for(version)
     stream = stream or StreamConfig()
     profiles = derive_profiles(manifest, stream, names)
-    readiness = {g: tensorrt_readiness(bundle.graph_path(g), tsv) for g in names}
+    readiness = {g: tensorrt_readiness(bundle.graph_path(g), tsv, release=release) for g in names}
+    notes = {g: n for g in names if (n := opset_notes(bundle.graph_path(g), release))}
     quantize = [g for g in QUANTIZED_GRAPHS.get(precision, ()) if g in names]
-    return BuildPlan(bundle, precision, resolved, names, profiles, readiness, quantize, stream)
+    return BuildPlan(bundle, precision, resolved, names, profiles, readiness, quantize, stream, release, version,
+                     notes)
 
 
 def require_ready(plan: BuildPlan) -> None:
@@ -221,10 +291,20 @@ def import_tensorrt():
     return trt
 
 
-def network_typing(precision: str, weakly_typed: bool = False, bundle_dtype: str = "fp16") -> tuple[bool, list[str]]:
-    """(strongly typed?, builder flags). See the module docstring for why."""
+def network_typing(precision: str, weakly_typed: bool = False, bundle_dtype: str = "fp16",
+                   trt_version: str | None = None) -> tuple[bool, list[str]]:
+    """(strongly typed?, builder flags). See the module docstring for why. `trt_version`: the TensorRT the engines
+    are built with; weak typing is refused on 11, which removed it."""
     if not weakly_typed:
         return True, []
+    major = tensorrt_major(trt_version)
+    if major is not None and major >= 11:
+        raise RemovedInTensorRT11(
+            f"--weakly-typed needs weakly typed networks and the {precision.upper()}/FP16 builder flags, which "
+            f"TensorRT {trt_version} no longer has (TensorRT 11 builds strongly typed networks only, precision coming "
+            f"from the graph's own types and explicit Q/DQ). Build without --weakly-typed: `--precision {precision}` "
+            "quantizes with ModelOpt into Q/DQ and builds that strongly typed; if TensorRT rejects the Q/DQ graph, "
+            "its parser error names the node to fix")
     if precision not in ("int8", "fp8"):
         raise BuildError(f"weakly typed builds are only for int8/fp8 Q/DQ graphs; --precision {precision} is built "
                          "strongly typed (an fp16 flag on a weakly typed network is what gives the flow NaN)")
@@ -269,9 +349,19 @@ class TimingCache:
 
 
 # -- one engine ----------------------------------------------------------------------------------------
-def _parse(trt, builder, logger, onnx_path: Path, strongly_typed: bool):
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
-    network = builder.create_network(flags)
+def _creation_flags(trt, settings: BuilderSettings) -> int:
+    flags = 0
+    for name in settings.creation_flags:
+        flag = getattr(trt.NetworkDefinitionCreationFlag, name, None)
+        if flag is None:
+            raise BuildError(f"TensorRT {trt.__version__} has no NetworkDefinitionCreationFlag.{name}: strongly typed "
+                             "networks need TensorRT >= 10 (JetPack 6 ships 10.3)")
+        flags |= 1 << int(flag)
+    return flags
+
+
+def _parse(trt, builder, logger, onnx_path: Path, settings: BuilderSettings):
+    network = builder.create_network(_creation_flags(trt, settings))
     parser = trt.OnnxParser(network, logger)
     # parse_from_file reads the external weights (<graph>.onnx.data) from beside the model.
     if not parser.parse_from_file(str(onnx_path)):
@@ -308,20 +398,25 @@ def _add_profiles(builder, network, config, name: str, profiles: list[Profile]) 
 
 
 def build_engine(trt, builder, logger, onnx_path: Path, name: str, profiles: list[Profile], *,
-                 strongly_typed: bool = True, flags: list[str] = (), workspace_gb: float | None = None,
-                 timing: TimingCache | None = None, fp32: bool = False, out: Path,
-                 progress: Callable[[str], None] = print) -> int:
+                 settings: BuilderSettings, workspace_gb: float | None = None, timing: TimingCache | None = None,
+                 out: Path, progress: Callable[[str], None] = print) -> int:
     """One graph -> one plan file at `out` with its profiles, in profile order; returns its size in bytes."""
-    network, _parser = _parse(trt, builder, logger, onnx_path, strongly_typed)
+    network, _parser = _parse(trt, builder, logger, onnx_path, settings)
     config = builder.create_builder_config()
     if workspace_gb:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    for flag in flags:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    if fp32:
+    for flag in settings.set_flags:
+        value = getattr(trt.BuilderFlag, flag, None)
+        if value is None:
+            raise RemovedInTensorRT11(f"TensorRT {trt.__version__} has no BuilderFlag.{flag}; build without "
+                                      "--weakly-typed (strongly typed, explicit Q/DQ)")
+        config.set_flag(value)
+    for flag in settings.clear_flags:
         # TF32 is on by default for fp32 tensors on Ampere+: 10-bit mantissas inside matmuls. An fp32 build is asked
-        # for fp32 accuracy.
-        config.clear_flag(trt.BuilderFlag.TF32)
+        # for fp32 accuracy. (A TensorRT without the flag has nothing to clear.)
+        value = getattr(trt.BuilderFlag, flag, None)
+        if value is not None:
+            config.clear_flag(value)
     if timing is not None:
         timing.attach(config, progress)
     _add_profiles(builder, network, config, name, profiles)
@@ -354,7 +449,7 @@ def build_engines(plan: BuildPlan, trt, gpu: GpuInfo, *, workspace_gb: float | N
     again = [g for g in plan.graphs if existing and g in existing.get("graphs", {})]
     if again and not force:
         raise BuildError(f"engine set {key} already has {', '.join(again)}; pass --force to rebuild")
-    strongly_typed, flags = network_typing(plan.precision, weakly_typed, manifest.get("dtype", "fp16"))
+    strongly_typed, flags = network_typing(plan.precision, weakly_typed, manifest.get("dtype", "fp16"), trt_version)
     logger = trt.Logger(trt.Logger.WARNING)
     cache_path = Path(timing_cache) if timing_cache else default_timing_cache(gpu, trt_version)
     staged = staging_dir(bundle.root, key)
@@ -369,7 +464,7 @@ def build_engines(plan: BuildPlan, trt, gpu: GpuInfo, *, workspace_gb: float | N
             sources.update(quantized)
             graph_precision.update(dict.fromkeys(quantized, plan.precision))
             for g, path in quantized.items():
-                problems = tensorrt_readiness(path)
+                problems = tensorrt_readiness(path, release=release_for(trt_version))
                 if problems:
                     raise BuildError(f"{g} after {plan.precision} quantization is not TensorRT-ready:\n  "
                                      + "\n  ".join(problems))
@@ -385,9 +480,10 @@ def build_engines(plan: BuildPlan, trt, gpu: GpuInfo, *, workspace_gb: float | N
                 # The cache object outlives the per-graph builder configs: timings found for one graph (the LLM's
                 # matmuls) are reused by the next (the TTS LM's).
                 timing = TimingCache(builder.create_builder_config(), cache_path, progress)
-            size = build_engine(trt, builder, logger, sources[name], name, plan.profiles[name],
-                                strongly_typed=strongly_typed, flags=flags, workspace_gb=workspace_gb, timing=timing,
-                                fp32=graph_precision[name] == "fp32", out=staged / f"{name}{PLAN_SUFFIX}",
+            settings = builder_settings(trt_version, plan.precision, weakly_typed, manifest.get("dtype", "fp16"),
+                                        fp32=graph_precision[name] == "fp32")
+            size = build_engine(trt, builder, logger, sources[name], name, plan.profiles[name], settings=settings,
+                                workspace_gb=workspace_gb, timing=timing, out=staged / f"{name}{PLAN_SUFFIX}",
                                 progress=progress)
             entry_graphs[name] = {"file": f"{name}{PLAN_SUFFIX}", "precision": graph_precision[name],
                                   "profiles": [p.to_json() for p in plan.profiles[name]]}
@@ -435,5 +531,6 @@ def gpu_or_error() -> GpuInfo:
     return gpu
 
 
-__all__ = ["ENGINES_DIR", "BuildError", "BuildPlan", "build_engines", "check_precision", "check_target",
-           "import_tensorrt", "network_typing", "plan_build"]
+__all__ = ["ENGINES_DIR", "BuildError", "BuildPlan", "BuilderSettings", "RemovedInTensorRT11", "build_engines",
+           "builder_settings", "check_precision", "check_target", "checked_version", "import_tensorrt",
+           "network_typing", "plan_build"]

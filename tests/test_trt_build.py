@@ -17,9 +17,21 @@ import onnx
 import pytest
 
 from opens2s_edge.cli import main as cli_main
-from opens2s_edge.export.checks import tensorrt_readiness
+from opens2s_edge.export.checks import (
+    RELEASES,
+    UnsupportedTensorRT,
+    form_for_tensorrt,
+    load_support,
+    opset_notes,
+    parse_version,
+    release_for,
+    tensorrt_readiness,
+)
 from opens2s_edge.export.trt_build import (
+    REMOVED_IN_11,
     BuildError,
+    RemovedInTensorRT11,
+    builder_settings,
     check_precision,
     check_target,
     network_typing,
@@ -322,6 +334,145 @@ def test_network_typing() -> None:
         network_typing("fp16", weakly_typed=True)
 
 
+def test_network_typing_per_tensorrt_version() -> None:
+    """10.x: strongly typed through the creation flag, weak typing (int8/fp8) with its precision flags on request;
+    11: strongly typed by default and no precision flag ever, `--weakly-typed` refused with what to do."""
+    assert builder_settings("10.3.0.30", "fp16").creation_flags == ("STRONGLY_TYPED",)
+    assert builder_settings("10.16.0", "int4-weight").set_flags == ()
+    weak = builder_settings("10.3.0", "int8", weakly_typed=True, bundle_dtype="fp16")
+    assert (weak.strongly_typed, weak.creation_flags, weak.set_flags) == (False, (), ("INT8", "FP16"))
+    assert builder_settings("10.15.1", "fp32", fp32=True).clear_flags == ("TF32",)
+    for precision in ("fp32", "fp16", "bf16", "fp8", "int8", "int4-weight"):
+        settings = builder_settings("11.4.1", precision, bundle_dtype="fp16", fp32=precision == "fp32")
+        assert settings.strongly_typed and settings.creation_flags == ()  # strongly typed is 11's only mode
+        assert not set(settings.set_flags) & set(REMOVED_IN_11)
+    for version in ("11.0.0", "11.4.1.2"):
+        with pytest.raises(RemovedInTensorRT11, match=rf"TensorRT {version} no longer has.*strongly typed networks "
+                                                      r"only.*Build without --weakly-typed"):
+            network_typing("int8", weakly_typed=True, trt_version=version)
+    assert network_typing("fp8", weakly_typed=True, bundle_dtype="bf16", trt_version="10.16.0") == (False,
+                                                                                                   ["FP8", "BF16"])
+
+
+def test_tensorrt_releases_and_their_lists() -> None:
+    assert parse_version("10.3.0.30") == (10, 3, 0, 30) and parse_version("10.16.0.post1") == (10, 16, 0)
+    for version, name in (("10.3.0", "10.3"), ("10.0.1", "10.3"), ("10.14.1", "10.3"), ("10.15.1", "10.15"),
+                          ("10.16.0", "10.15"), ("11.0.0", "11"), ("11.4.1", "11"), (None, "10.15")):
+        assert release_for(version).name == name, version
+    assert (form_for_tensorrt("10.3"), form_for_tensorrt("10.16"), form_for_tensorrt("11.4.1")) == (
+        "classic", "modern", "modern")
+    with pytest.raises(UnsupportedTensorRT, match="TensorRT 8.6.1 predates TensorRT 10"):
+        release_for("8.6.1")
+    with pytest.raises(UnsupportedTensorRT, match="not a TensorRT version"):
+        release_for("latest")
+    lists = {name: load_support(r.tsv) for name, r in RELEASES.items()}
+    modern_ops = ("Attention", "RMSNormalization", "RotaryEmbedding", "TensorScatter")
+    classic_ops = ("ScatterElements", "MatMul", "Softmax", "Where", "ReduceMean", "Sqrt", "Gather", "Concat")
+    for op in modern_ops:
+        assert op not in lists["10.3"] or not lists["10.3"][op].supported, op
+        assert lists["10.15"][op].supported and lists["11"][op].supported, op
+    for name, table in lists.items():
+        assert all(table[op].supported for op in classic_ops), name
+        assert "zero" in table["DequantizeLinear"].restrictions and "UINT4" not in table["DequantizeLinear"].types
+    assert "FP4" not in lists["10.3"]["DequantizeLinear"].types and "FP4" in lists["10.15"]["DequantizeLinear"].types
+    assert lists["11"]["Swish"].supported and "Swish" not in lists["10.15"]
+    assert "axes must be an initializer" in lists["10.3"]["Pad"].restrictions and not lists["10.15"]["Pad"].restrictions
+    assert RELEASES["11"].weak_typing is False and RELEASES["10.3"].opsets == (9, 20)
+
+
+def test_readiness_of_each_form_on_each_release(tiny_bundle: Path, modern_bundle: Path) -> None:
+    """The graphs the project exports: the classic form parses on 10.3, 10.15/10.16 and 11; the modern decoders only
+    from 10.15, and on 10.3 every modern op is named with its node."""
+    classic, modern = load_bundle(tiny_bundle, verify=False), load_bundle(modern_bundle, verify=False)
+    for release in RELEASES.values():
+        for name in classic.manifest["graphs"]:
+            assert tensorrt_readiness(classic.graph_path(name), release=release) == [], (release.name, name)
+            assert opset_notes(classic.graph_path(name), release) == []
+        for name in ("llm", "tts_lm"):
+            problems = tensorrt_readiness(modern.graph_path(name), release=release)
+            if release.modern_form:
+                assert problems == [], (release.name, name)
+            else:
+                text = "\n".join(problems)
+                for op in ("Attention", "RMSNormalization", "RotaryEmbedding", "TensorScatter"):
+                    assert f"({op}): {op} is not supported by TensorRT's ONNX parser" in text, (name, op)
+                assert opset_notes(modern.graph_path(name), release) == [
+                    "opset 24 is outside the range TensorRT 10.3 documents (9..20); its parser reads the graph op by "
+                    "op"]
+
+
+def test_10_3_restrictions_the_later_lists_lifted(tmp_path: Path) -> None:
+    """Pad with computed axes: 10.3 needs them as an initializer (tensor axes came in 10.4); 10.15 takes them."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Shape", ["x"], ["rank_shape"], start=0, end=1),
+         helper.make_node("Sub", ["rank_shape", "one"], ["axes"]),
+         helper.make_node("Pad", ["x", "pads", "", "axes"], ["y"], name="pad")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor("pads", TensorProto.INT64, [2], [1, 1]), helper.make_tensor("one", TensorProto.INT64, [1],
+                                                                                     [1])])
+    path = tmp_path / "pad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
+    assert tensorrt_readiness(path, release="10.3.0") == [
+        "node 'pad' (Pad): input 'axes' (axes) must be an initializer or a Constant (axes must be an initializer)"]
+    assert tensorrt_readiness(path, release="10.16.0") == [] == tensorrt_readiness(path, release="11.4.1")
+
+
+def test_plan_checks_against_the_tensorrt_it_is_for(tiny_bundle: Path, modern_bundle: Path) -> None:
+    plan = plan_build(tiny_bundle, "fp32", trt_version="10.3.0.30", verify=False)
+    assert (plan.release.name, plan.tensorrt) == ("10.3", "10.3.0.30") and not any(plan.readiness.values())
+    assert "checked against TensorRT 10.3.0.30: the 10.3 ONNX support list" in "\n".join(plan.lines())
+    orin = plan_build(tiny_bundle, "fp32", target="orin", verify=False)  # no TensorRT here: JetPack 6.2 assumed
+    assert (orin.release.name, orin.tensorrt) == ("10.3", "10.3")
+    eleven = plan_build(modern_bundle, "fp32", trt_version="11.4.1", verify=False)
+    assert eleven.release.name == "11" and "strongly typed networks only" in "\n".join(eleven.lines())
+    assert not any(eleven.readiness.values())
+    with pytest.raises(BuildError, match=r"TensorRT 10\.3\.0 cannot parse.*re-export with --form classic"):
+        plan_build(modern_bundle, "fp32", trt_version="10.3.0", verify=False)
+    with pytest.raises(BuildError, match="predates TensorRT 10"):
+        plan_build(tiny_bundle, "fp32", trt_version="8.6.1", verify=False)
+
+
+def test_build_dry_run_for_another_tensorrt(tiny_bundle: Path, modern_bundle: Path, capsys) -> None:
+    base = ["build", "--precision", "fp32", "--dry-run", "--no-verify"]
+    assert cli_main([*base, str(tiny_bundle), "--tensorrt-version", "10.3"]) == 0
+    out = capsys.readouterr().out
+    assert "checked against TensorRT 10.3: the 10.3 ONNX support list" in out and "llm: ready" in out
+    assert cli_main([*base, str(modern_bundle), "--tensorrt-version", "10.3"]) == 2
+    assert "re-export with --form classic" in capsys.readouterr().err
+    assert cli_main([*base, str(modern_bundle), "--tensorrt-version", "10.16"]) == 0
+    assert cli_main(["build", str(tiny_bundle), "--precision", "int8", "--dry-run", "--no-verify",
+                     "--tensorrt-version", "11.4", "--weakly-typed"]) == 2
+    err = capsys.readouterr().err
+    assert "TensorRT 11.4 no longer has" in err and "Build without --weakly-typed" in err
+    assert cli_main([*base, str(tiny_bundle), "--tensorrt-version", "8.6"]) == 2
+    assert "predates TensorRT 10" in capsys.readouterr().err
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert cli_main(["build", str(tiny_bundle), "--precision", "fp32", "--no-verify",
+                         "--tensorrt-version", "10.3"]) == 2
+        assert "only checks (--dry-run)" in capsys.readouterr().err
+
+
+def test_export_form_for_a_tensorrt_version(tiny_default: Path, tmp_path: Path, capsys) -> None:
+    """`export --form trt10.3` writes the classic form and checks every graph against 10.3's list."""
+    args = ["export", "--checkpoint", str(tiny_default / "checkpoint"), "--decoder", str(tiny_default / "decoder"),
+            "--max-context", "32", "--max-audio-seconds", "2"]
+    assert cli_main([*args, "--out", str(tmp_path / "old"), "--form", "trt8.6"]) == 2
+    assert "predates TensorRT 10" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main([*args, "--out", str(tmp_path / "x"), "--form", "tensorrt"])
+    assert "is not classic, modern or trtX.Y" in capsys.readouterr().err
+    assert cli_main([*args, "--out", str(tmp_path / "jetpack6"), "--form", "trt10.3"]) == 0
+    out = capsys.readouterr().out
+    assert "--form trt10.3: the classic form" in out and "every graph is ready for TensorRT 10.3" in out
+    manifest = load_bundle(tmp_path / "jetpack6").manifest
+    assert manifest["form"] == "classic" and {g["form"] for g in manifest["graphs"].values()} == {"classic"}
+
+
 def test_readiness_failure_names_the_node(tiny_bundle: Path, tmp_path: Path) -> None:
     from opens2s_edge.export.checks import DEFAULT_TSV
 
@@ -390,7 +541,12 @@ def test_int8_quantization_runs_on_onnxruntime_cpu(bundle_copy: Path, tmp_path: 
     load_bundle(bundle_copy)  # ModelOpt worked on a copy: the bundle's files are unchanged
     ops = [n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node]
     assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
-    assert tensorrt_readiness(out) == []  # the Q/DQ graph is what `build` hands to TensorRT's parser
+    for release in RELEASES.values():  # the Q/DQ graph is what `build` hands to TensorRT's parser
+        assert tensorrt_readiness(out, release=release) == [], release.name
+    assert opset_notes(out, "10.3") == []  # ModelOpt's int8 graphs are opset 19, inside 10.3's range
+    from opens2s_edge.export.quantize import fold_zero_points
+
+    assert fold_zero_points(out) == 0  # ModelOpt quantizes symmetrically: nothing to fold
     feeds = _reader(samples["llm"], inputs).get_first()
     prefix = {**feeds, "inputs_embeds": feeds["inputs_embeds"][:, :13]}  # another length than calibrated
     for f in (feeds, prefix):
@@ -401,6 +557,111 @@ def test_int8_quantization_runs_on_onnxruntime_cpu(bundle_copy: Path, tmp_path: 
             assert _rel_dev(a, b) < 0.5
             cos = float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
             assert cos >= 0.95 or np.abs(a).max() == 0
+
+
+@pytest.fixture(scope="module")
+def asymmetric_int4(tiny_bundle: Path, tmp_path_factory) -> Path:
+    """The tiny bundle's LLM graph with onnxruntime's own int4 weight-only quantization in QDQ form, asymmetric
+    (UINT4 weights and zero points, blocks of 32): what DequantizeLinear in TensorRT does not take. The graph is
+    raised to opset 21 first (blocked DequantizeLinear)."""
+    pytest.importorskip("onnxruntime.quantization.matmul_nbits_quantizer", reason="onnxruntime without its quantizer")
+    import logging
+
+    from onnx import version_converter
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    root = tmp_path_factory.mktemp("asymmetric")
+    model = version_converter.convert_version(onnx.load(str(tiny_bundle / "llm.onnx")), 21)
+    config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=False, quant_format=QuantFormat.QDQ)
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    level = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").level
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    try:
+        quantizer.process()
+    finally:
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(level)
+    path = root / "asym.onnx"
+    onnx.save(quantizer.model.model, str(path), save_as_external_data=True, location="asym.onnx.data")
+    return path
+
+
+def _dequantized_weights(path: Path) -> dict[str, np.ndarray]:
+    """Every DequantizeLinear of a constant, computed in float64 with numpy from the ONNX spec (per axis / blocked),
+    keyed by the node's output (the MatMul's weight input); plus the scale broadcast to the weight's shape."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        x = inits[node.input[0]].astype(np.float64)
+        attrs = {a.name: a.i for a in node.attribute}
+        axis, block = attrs.get("axis", 1), attrs.get("block_size", 0)
+        zero = _spread(inits[node.input[2]], x.shape, axis, block) if len(node.input) > 2 and node.input[2] else 0.0
+        scale = _spread(inits[node.input[1]], x.shape, axis, block)
+        out[node.output[0]] = ((x - zero) * scale, scale)
+    return out
+
+
+def _spread(a: np.ndarray, shape: tuple[int, ...], axis: int, block: int) -> np.ndarray:
+    """A scale or zero point over the whole weight: per tensor, per axis, or per block along `axis`."""
+    a = np.asarray(a, np.float64)
+    if a.ndim == 0:
+        return np.broadcast_to(a, shape)
+    if block:
+        return np.repeat(a, block, axis=axis)[tuple(slice(0, n) for n in shape)]
+    view = [1] * len(shape)
+    view[axis] = -1
+    return np.broadcast_to(a.reshape(view), shape)
+
+
+def _llm_feeds(path: Path) -> dict[str, np.ndarray]:
+    model = onnx.load(str(path), load_external_data=False)
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i in model.graph.input:
+        shape = [d.dim_value or 7 for d in i.type.tensor_type.shape.dim]
+        feeds[i.name] = (np.array(3, np.int64) if i.name == "start" else
+                         rng.standard_normal(shape).astype(np.float32) * (i.name == "inputs_embeds"))
+    return feeds
+
+
+def test_asymmetric_weights_fold_to_symmetric(asymmetric_int4: Path, tmp_path: Path) -> None:
+    """onnxruntime's asymmetric int4 weights: refused by every release's check (UINT4, nonzero zero points); folded,
+    ready everywhere. Requantized at 4 bits, every weight within half a new step of the asymmetric one (float64
+    oracle from the ONNX spec); widened to INT8, exactly the asymmetric weights, so onnxruntime computes the same."""
+    import onnxruntime as ort
+
+    from opens2s_edge.export.quantize import fold_zero_points
+
+    asym = asymmetric_int4
+    for release in RELEASES.values():
+        problems = "\n".join(tensorrt_readiness(asym, release=release))
+        assert "is UINT4, TensorRT allows" in problems and "quantized asymmetrically" in problems, release.name
+    before = _dequantized_weights(asym)
+    requantized, widened = tmp_path / "q4" / "llm.onnx", tmp_path / "q8" / "llm.onnx"
+    assert fold_zero_points(asym, requantized) == len(before) == 15  # 7 projections x 2 layers + the head
+    assert fold_zero_points(asym, widened, widen=True) == 15
+    for path in (requantized, widened):
+        for release in RELEASES.values():
+            assert tensorrt_readiness(path, release=release) == [], (path.parent.name, release.name)
+        assert fold_zero_points(path) == 0  # already symmetric
+    after4, after8 = _dequantized_weights(requantized), _dequantized_weights(widened)
+    for name, (w, _) in before.items():
+        w4, step = after4[name]
+        assert (np.abs(w4 - w) <= step / 2 + 1e-7 * np.abs(w).max()).all(), name
+        np.testing.assert_array_equal(after8[name][0], w)
+    types = {t.name: t.data_type for t in onnx.load(str(requantized), load_external_data=False).graph.initializer}
+    assert {types[n.input[0]] for n in onnx.load(str(requantized), load_external_data=False).graph.node
+            if n.op_type == "DequantizeLinear"} == {onnx.TensorProto.INT4}
+    feeds = _llm_feeds(asym)
+    want = ort.InferenceSession(str(asym)).run(None, feeds)
+    got = ort.InferenceSession(str(widened)).run(None, feeds)
+    for a, b in zip(want, got, strict=True):
+        assert _rel_dev(a, b) <= 1e-5
 
 
 # -- real TensorRT builds ------------------------------------------------------------------------------
