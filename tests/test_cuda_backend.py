@@ -409,6 +409,20 @@ def test_triton_kernels_under_cuda_graphs_give_the_golden_ids(golden_opens2s: Pa
 
 
 @needs_cuda
+def test_triton_kernels_on_cuda_answer_as_the_cpu_on_the_tiny_preset(tiny_default: Path, fp32_cuda: None) -> None:
+    """Without golden data too: fp32 CUDA graphs on the Triton kernels give the CPU eager generator's ids on the
+    tiny preset (the CPU path is the one checked against the reference's golden ids)."""
+    _triton_or_skip()
+    options = GenerationOptions(greedy=True, max_text_tokens=16, max_speech_tokens=64)
+    wav = load_wav(HELLO)
+    cpu = Generator(tiny_default / "checkpoint", max_context=512)(wav, options)
+    gen = Generator(tiny_default / "checkpoint", "fp32", 512, device="cuda")
+    use_kernels(gen, "triton")
+    assert gen(wav, options).to_json() == cpu.to_json()
+    assert len(cpu.speech_ids) > 10
+
+
+@needs_cuda
 @pytest.mark.parametrize("weights", [None, "int8", "int4"])
 def test_triton_kernels_bf16_turn_on_cuda(golden_opens2s: Path, weights: str | None) -> None:
     _triton_or_skip()
