@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover - every Triton 3 release has it
 
 # Cache rows one attention program reads per iteration; the per-head split length is a multiple of it.
 ATTN_BLOCK_N = 64
+ATTN_WARPS = 8
 # Splits of the reduction over partial results taken at a time (bounds registers whatever the split count).
 ATTN_REDUCE_BLOCK = 16
 MATVEC_BLOCK_N = 32
@@ -37,8 +38,9 @@ ELEMENTWISE_BLOCK = 1024
 MATVEC_MAX_ROWS = 8
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
+def _pow2(n: int, least: int = 16) -> int:
+    """The block size covering n: a power of two, at least `least` (small blocks gain nothing and tl.dot needs 16)."""
+    return max(least, 1 << max(0, (int(n) - 1).bit_length()))
 
 
 # -- RMSNorm ----------------------------------------------------------------------------------------------------------
@@ -256,11 +258,12 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, splits: int =
     lsum = torch.empty_like(m)
     acc = torch.empty((h, n_splits, d), dtype=torch.float32, device=q.device)
     out = torch.empty((1, h, 1, d), dtype=q.dtype, device=q.device)
-    d_pad = max(16, _pow2(d))  # tl.dot needs every dim >= 16
+    d_pad = _pow2(d)  # tl.dot needs every dim >= 16
     _attn_partial_kernel[(kv, n_splits)](
         q, k, v, pos, m, lsum, acc, q.stride(1), k.stride(1), k.stride(2), v.stride(1), v.stride(2), length,
         split_len, n_splits, math.log2(math.e) / math.sqrt(d),
-        GROUP=group, GROUP_PAD=max(16, _pow2(group)), D=d, D_PAD=d_pad, BLOCK_N=ATTN_BLOCK_N)
+        GROUP=group, GROUP_PAD=_pow2(group), D=d, D_PAD=d_pad, BLOCK_N=ATTN_BLOCK_N,
+        num_warps=ATTN_WARPS)  # 8 warps: a 64 x 128 fp32 K (and V) tile in registers
     _attn_reduce_kernel[(h,)](m, lsum, acc, pos, out, out.stride(1), split_len, n_splits,
                               SPLITS_PAD=_pow2(n_splits), SPLIT_BLOCK=ATTN_REDUCE_BLOCK, D=d, D_PAD=d_pad)
     return out
@@ -335,7 +338,7 @@ def wo_linear(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, group_size:
     return out.reshape(*x.shape[:-1], n)
 
 
-INTERPRETED = isinstance(_rms_norm_kernel, InterpretedFunction) if InterpretedFunction else False
+INTERPRETED = isinstance(_rms_norm_kernel, InterpretedFunction)
 
 __all__ = ["ATTN_BLOCK_N", "INTERPRETED", "MATVEC_MAX_ROWS", "attention_splits", "decode_attention", "rms_norm",
            "rope", "swiglu", "wo_linear"]
