@@ -281,7 +281,7 @@ class ReferencePipeline:
         import torch
 
         from opens2s_edge.runtime.prompt import PromptBuilder, SpeechVocab
-        from opens2s_edge.training.checkpoint import load_checkpoint, read_generation_defaults
+        from opens2s_edge.training.checkpoint import load_checkpoint, read_frontend, read_generation_defaults
         from opens2s_edge.training.token2wav.decoder import load_decoder
 
         folder = Path(checkpoint)
@@ -297,6 +297,7 @@ class ReferencePipeline:
         self.prompt = PromptBuilder.from_folder(folder)
         self.vocab = SpeechVocab.from_folder(folder / "tts")
         self.defaults = read_generation_defaults(folder)
+        self.frontend = read_frontend(folder, self.model.config)
         m, n = (int(x) for x in self.model.config.interleave_strategy.split(":"))
         self.text_span, self.speech_span = m, n
         self.decoder = load_decoder(decoder_dir, device=self.device)
@@ -315,7 +316,7 @@ class ReferencePipeline:
         first_text = None
         t0 = time.perf_counter()
         with torch.inference_mode():
-            features, length = audio_features(wav)
+            features, length = audio_features(wav, self.frontend)
             audio_embeds = model.encode_audio(torch.from_numpy(features).to(self.device, self.dtype),
                                               torch.tensor([length], device=self.device))
             inputs_embeds = model.splice_prompt(self.prompt.prompt_ids(), audio_embeds, AUDIO_PLACEHOLDER_ID)

@@ -22,7 +22,6 @@ from opens2s_edge.training.qwen3 import Qwen3LM
 from opens2s_edge.training.token2wav.decoder import Token2Wav
 from opens2s_edge.training.token2wav.estimator import TimestepEmbedding
 
-WINDOW_FRAMES = 3000
 # The opset graphs without a form-specific lowering are traced at (TensorRT 10.3 parses it).
 CLASSIC_OPSET = 17
 
@@ -158,23 +157,24 @@ class AudioGraph(nn.Module):
         return self.model.audio_embeddings(input_features, feature_length)
 
 
-def opens2s_graphs(model: OpenS2S, max_context: int, max_audio_seconds: int, dtype: torch.dtype,
+def opens2s_graphs(model: OpenS2S, max_context: int, windows: int, dtype: torch.dtype,
                    form: str = "classic") -> list[GraphSpec]:
+    """The OpenS2S graphs; the audio encoder's profile takes up to `windows` windows."""
     d_llm = model.config.llm.hidden_size
-    windows = -(-max_audio_seconds // 30)
     n_mels = model.config.audio.num_mel_bins
+    window = model.config.audio.window_frames
     gen = torch.Generator().manual_seed(1)
-    audio_inputs = {"input_features": torch.randn(1, n_mels, WINDOW_FRAMES, generator=gen).to(dtype),
-                    "feature_length": torch.tensor([1234], dtype=torch.int64)}
-    audio_probes = [{"input_features": torch.randn(1, n_mels, WINDOW_FRAMES, generator=gen).to(dtype),
-                     "feature_length": torch.tensor([WINDOW_FRAMES], dtype=torch.int64)}]
+    audio_inputs = {"input_features": torch.randn(1, n_mels, window, generator=gen).to(dtype),
+                    "feature_length": torch.tensor([window * 2 // 5], dtype=torch.int64)}
+    audio_probes = [{"input_features": torch.randn(1, n_mels, window, generator=gen).to(dtype),
+                     "feature_length": torch.tensor([window], dtype=torch.int64)}]
     if windows > 1:
-        audio_probes.append({"input_features": torch.randn(1, n_mels, WINDOW_FRAMES * 2, generator=gen).to(dtype),
-                             "feature_length": torch.tensor([WINDOW_FRAMES + 777], dtype=torch.int64)})
+        audio_probes.append({"input_features": torch.randn(1, n_mels, window * 2, generator=gen).to(dtype),
+                             "feature_length": torch.tensor([window + 777], dtype=torch.int64)})
     return [
         GraphSpec("audio_encoder", AudioGraph(model), audio_inputs, ["audio_embeds", "valid_length"],
                   dynamic={"input_features": {2: "frames"}, "audio_embeds": {1: "rows"}},
-                  probes=audio_probes, limits={"max_windows": windows, "window_frames": WINDOW_FRAMES},
+                  probes=audio_probes, limits={"max_windows": windows, "window_frames": window},
                   keep_fp32=(nn.LayerNorm,)),
         decoder_graph("llm", model.llm_model, max_context, dtype, form),
         decoder_graph("tts_lm", model.tts_lm_model, max_context, dtype, form),

@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 import opens2s_edge
-from opens2s_edge.runtime import audio as frontend
+from opens2s_edge.runtime.audio import Frontend
 from opens2s_edge.runtime.bundle import FORMAT_VERSION, MANIFEST, sha256_file
 from opens2s_edge.runtime.files import atomic_dir
 from opens2s_edge.runtime.prompt import AUDIO_PLACEHOLDER_ID, DEFAULT_SYSTEM_PROMPT, SpeechVocab
@@ -40,7 +40,9 @@ from opens2s_edge.training.checkpoint import (
     CheckpointError,
     check_state_dict,
     read_config,
+    read_frontend,
     read_generation_defaults,
+    tie_missing_heads,
     weight_files,
 )
 from opens2s_edge.training.opens2s import OpenS2S
@@ -123,11 +125,8 @@ def open_model(folder: Path, max_context: int) -> tuple[OpenS2S, CheckpointWeigh
     with torch.device("meta"):
         model = OpenS2S(config)
     check_state_dict(model, {k: torch.empty(s, device="meta") for k, s in weights.shapes.items()}, str(folder))
-    for prefix, lm in (("llm_model.", model.llm_model), ("tts_lm_model.", model.tts_lm_model)):
-        if lm.config.tie_word_embeddings:
-            lm.lm_head.weight = lm.model.embed_tokens.weight
-        elif prefix + "lm_head.weight" not in weights.where:
-            raise CheckpointError(f"{folder}: {prefix}lm_head.weight missing and embeddings are not tied")
+    tie_missing_heads(model, set(weights.where), folder)
+    for lm in (model.llm_model, model.tts_lm_model):
         # RoPE tables are computed, not stored: real (CPU) buffers, constants in the graph.
         cos, sin = rope_tables(lm.config.head_dim, max_context, lm.config.rope_theta)
         lm.register_buffer("rope_cos", cos, persistent=False)
@@ -551,12 +550,19 @@ def export_bundle(checkpoint: Path, decoder: Path, out: Path, dtype: str = "fp32
         raise ExportError(f"{out} already exists; pass --force to replace it")
     if max_context < 16:
         raise ExportError(f"--max-context must be at least 16, got {max_context}")
+    if max_audio_seconds < 1:
+        raise ExportError(f"--max-audio-seconds must be at least 1, got {max_audio_seconds}")
     torch_dtype = DTYPES[dtype]
     progress(f"[export] opening checkpoint {checkpoint} (weights streamed per tensor)")
     model, weights = open_model(checkpoint, max_context)
+    try:
+        audio_frontend = read_frontend(checkpoint, model.config)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from exc
     progress(f"[export] loading decoder {decoder}")
     token2wav = load_decoder(decoder)
-    specs = opens2s_graphs(model, max_context, max_audio_seconds, torch_dtype, form)
+    windows = -(-max_audio_seconds // audio_frontend.window_seconds)
+    specs = opens2s_graphs(model, max_context, windows, torch_dtype, form)
     n_opens2s = len(specs)
     specs += token2wav_graphs(token2wav, torch_dtype)
     present = set(weights.where)
@@ -604,7 +610,8 @@ def export_bundle(checkpoint: Path, decoder: Path, out: Path, dtype: str = "fp32
             graphs[spec.name] = {"file": path.name, "inputs": inputs, "outputs": outputs,
                                  "dtype": {v: k for k, v in DTYPES.items()}[graph_dtype],
                                  "form": spec.form, "opset": opset, "limits": spec.limits,
-                                 "aliases": spec.aliases, "max_deviation": max(deviation.values()), "tolerance": tolerance,
+                                 "aliases": spec.aliases, "max_deviation": max(deviation.values()),
+                                 "tolerance": tolerance,
                                  "deviation": deviation, "deviation_reference": DEVIATION_REFERENCE}
             progress(f"[export] {i}/{len(specs)} {spec.name}: checked, TensorRT-ready, {spec.form}, "
                      f"max deviation from fp32 {max(deviation.values()):.1e} ({time.perf_counter() - t0:.1f} s)")
@@ -614,7 +621,8 @@ def export_bundle(checkpoint: Path, decoder: Path, out: Path, dtype: str = "fp32
             np.save(tmp / f"{name}.npy", table)
             arrays[name] = {"file": f"{name}.npy", **info, "shape": list(table.shape)}
         _copy_tokenizers(checkpoint, tmp)
-        manifest = _manifest(model, token2wav, checkpoint, decoder, dtype, form, max_context, max_audio_seconds,
+        manifest = _manifest(model, token2wav, checkpoint, decoder, dtype, form, max_context, audio_frontend,
+                             max_audio_seconds,
                              graphs, arrays)
         manifest["files"] = {
             str(p.relative_to(tmp)): {"sha256": sha256_file(p), "size": p.stat().st_size}
@@ -634,7 +642,7 @@ def _copy_tokenizers(checkpoint: Path, dst: Path) -> None:
 
 
 def _manifest(model, token2wav, checkpoint: Path, decoder: Path, dtype: str, form: str, max_context: int,
-              max_audio_seconds: int, graphs: dict, arrays: dict) -> dict:
+              audio_frontend: Frontend, max_audio_seconds: int, graphs: dict, arrays: dict) -> dict:
     defaults = read_generation_defaults(checkpoint)
     vocab = SpeechVocab.from_folder(checkpoint / "tts")
     spec = token2wav.spec
@@ -659,7 +667,7 @@ def _manifest(model, token2wav, checkpoint: Path, decoder: Path, dtype: str, for
                        "max_speech_tokens": defaults.max_speech_tokens},
         "speech_tokens": {"offset": vocab.offset, "count": vocab.count, "eos_ids": list(vocab.eos_ids)},
         "prompt": {"audio_placeholder_id": AUDIO_PLACEHOLDER_ID, "system_prompt": DEFAULT_SYSTEM_PROMPT},
-        "audio": {**frontend.FRONTEND, "max_seconds": max_audio_seconds},
+        "audio": {**audio_frontend.to_json(), "max_seconds": max_audio_seconds},
         "llm": lm(c.llm),
         "tts": {**lm(c.tts), "speaker_dim": model.tts_lm_model.spk2tts.in_features},
         "token2wav": {"spec": {k: getattr(spec, k) for k in spec.__dataclass_fields__}},

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 import opens2s_edge
 from opens2s_edge.runtime import speech_tokenizer as procedure
+from opens2s_edge.runtime.audio import Frontend
 from opens2s_edge.runtime.bundle import FORMAT_VERSION, MANIFEST, sha256_file
 from opens2s_edge.runtime.files import atomic_dir
 from opens2s_edge.training.speech_tokenizer import WhisperVQEncoder, load_encoder
@@ -66,7 +67,7 @@ class TokenizerGraph(nn.Module):
         return best, length, torch.gather(distances, 2, best.unsqueeze(-1)).squeeze(-1)
 
 
-def _probe_batches(encoder: WhisperVQEncoder, features: procedure.FeatureSettings) -> list[dict[str, Tensor]]:
+def _probe_batches(encoder: WhisperVQEncoder, features: Frontend) -> list[dict[str, Tensor]]:
     """Feeds from speech-like audio through the real procedure: several segments padded alike (lengths that do
     and do not fill the stride, one of a single frame), one lone segment, and a whole 30 s segment."""
     s = encoder.structure
@@ -87,7 +88,7 @@ def _probe_batches(encoder: WhisperVQEncoder, features: procedure.FeatureSetting
     return feeds
 
 
-def tokenizer_spec(encoder: WhisperVQEncoder, features: procedure.FeatureSettings,
+def tokenizer_spec(encoder: WhisperVQEncoder, features: Frontend,
                    name: str = procedure.GRAPH) -> GraphSpec:
     feeds = _probe_batches(encoder, features)
     s = encoder.structure
@@ -162,9 +163,9 @@ def write_tokenizer_graph(tokenizer: Path, dest: Path, name: str = procedure.GRA
     entry = {"file": path.name, "inputs": inputs, "outputs": outputs, "dtype": "fp32", "form": spec.form,
              "opset": opset, "limits": spec.limits, "aliases": {}, "max_deviation": deviation["distance"],
              "tolerance": TOLERANCE, "deviation": deviation, "deviation_reference": DEVIATION_REFERENCE}
-    section = {"graph": name, "structure": encoder.structure.to_dict(), "features": features.to_dict(),
+    section = {"graph": name, "structure": encoder.structure.to_dict(), "features": features.to_json(),
                "segment_seconds": procedure.SEGMENT_SECONDS, "batch_segments": procedure.BATCH_SEGMENTS,
-               "rate_hz": features.sampling_rate / encoder.structure.stride_samples(features.hop)}
+               "rate_hz": features.sample_rate / encoder.structure.stride_samples(features.hop)}
     progress(f"[export-tokenizer] {name}: checked, TensorRT-ready, distance deviation {deviation['distance']:.1e}, "
              f"{int(deviation['ties'])} near-ties ({time.perf_counter() - t0:.1f} s)")
     return entry, section

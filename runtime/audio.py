@@ -1,13 +1,16 @@
-"""Audio in: read a file, make it 16 kHz mono, and compute the Whisper 128-bin log-mel (numpy only).
+"""Audio in: read a file, make it mono at the model's rate, and compute the Whisper log-mel (numpy only).
 
 The log-mel equals transformers' WhisperFeatureExtractor (as OpenS2S calls it): audio is zero-padded to
 a whole number of 30 s windows, the STFT is centred with reflect padding, and the dynamic range is
-clamped to 8 (log10) below the maximum over the whole padded input.
+clamped to 8 (log10) below the maximum over the whole padded input. Its settings (`Frontend`) are read from
+the checkpoint's `audio/preprocessor_config.json`; the constants below are the released model's values.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from math import gcd
 from pathlib import Path
@@ -23,14 +26,102 @@ WINDOW_SECONDS = 30
 WINDOW_SAMPLES = WINDOW_SECONDS * SAMPLE_RATE  # 480000
 WINDOW_FRAMES = WINDOW_SAMPLES // HOP  # 3000
 
-FRONTEND = {"sample_rate": SAMPLE_RATE, "n_fft": N_FFT, "hop": HOP, "n_mels": N_MELS,
-            "window_frames": WINDOW_FRAMES, "window_seconds": WINDOW_SECONDS}
-
 log = logging.getLogger(__name__)
 
 
 class AudioInputError(ValueError):
     """An audio input is missing, unreadable, empty, or not in the expected form."""
+
+
+class FrontendError(ValueError):
+    """A feature extractor config this frontend does not compute."""
+
+
+@dataclass(frozen=True)
+class Frontend:
+    """A WhisperFeatureExtractor's settings: the rate audio is brought to and the log-mel computed at."""
+
+    sample_rate: int = SAMPLE_RATE
+    n_fft: int = N_FFT
+    hop: int = HOP
+    n_mels: int = N_MELS
+    window_seconds: int = WINDOW_SECONDS
+
+    @property
+    def window_samples(self) -> int:
+        return self.window_seconds * self.sample_rate
+
+    @property
+    def window_frames(self) -> int:
+        return self.window_samples // self.hop
+
+    @classmethod
+    def from_config(cls, config: dict, where: str = "preprocessor_config.json") -> Frontend:
+        """From a preprocessor_config.json's fields; FrontendError names every setting we do not compute."""
+        if not isinstance(config, dict):
+            raise FrontendError(f"{where}: expected a JSON object")
+        kind = config.get("feature_extractor_type", "WhisperFeatureExtractor")
+        problems = [] if kind == "WhisperFeatureExtractor" else [
+            f"feature_extractor_type {kind!r} (expected WhisperFeatureExtractor)"]
+        fields = {"sample_rate": "sampling_rate", "n_fft": "n_fft", "hop": "hop_length", "n_mels": "feature_size",
+                  "window_seconds": "chunk_length"}
+        values = {}
+        for name, key in fields.items():
+            value = config.get(key, getattr(cls, name))
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{key} {value!r} (expected a positive integer)")
+            values[name] = value
+        for key in ("dither", "padding_value"):
+            value = config.get(key, 0.0) or 0.0
+            if not isinstance(value, (int, float)) or float(value) != 0.0:
+                problems.append(f"{key} {value!r} (expected 0.0: the reference's features are deterministic)")
+        if not problems and (values["window_seconds"] * values["sample_rate"]) % values["hop"]:
+            problems.append(f"hop_length {values['hop']} does not divide the {values['window_seconds']} s window")
+        if problems:
+            raise FrontendError(f"{where}: " + "; ".join(problems))
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Frontend:
+        path = Path(path)
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FrontendError(f"missing feature extractor config {path}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FrontendError(f"{path} is not a readable JSON file: {exc}") from exc
+        return cls.from_config(config, str(path))
+
+    def to_json(self) -> dict:
+        """The bundle manifest's `audio` section (window_frames derived, written for readers)."""
+        return {**asdict(self), "window_frames": self.window_frames}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Frontend:
+        return cls(**{k: d[k] for k in ("sample_rate", "n_fft", "hop", "n_mels", "window_seconds")})
+
+
+DEFAULT_FRONTEND = Frontend()
+
+
+def read_audio_file(path: str | Path) -> tuple[np.ndarray, int]:
+    """An audio file's float32 samples (frames, channels) and its rate, or AudioInputError saying what is wrong."""
+    path = Path(path)
+    if path.is_dir():
+        raise AudioInputError(f"audio input {path} is a folder; expected a wav/flac/ogg file")
+    if not path.is_file():
+        raise AudioInputError(f"audio file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise AudioInputError(f"audio file {path} is empty (expected a wav/flac/ogg file)")
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except PermissionError as exc:
+        raise AudioInputError(f"audio file {path} cannot be read: permission denied") from exc
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise AudioInputError(f"audio file {path} is corrupt or not a supported format (wav/flac/ogg): {exc}") from exc
+    if data.shape[0] == 0:
+        raise AudioInputError(f"audio file {path} holds no samples")
+    return data, int(rate)
 
 
 def load_wav(path: str | Path, expected_rate: int = SAMPLE_RATE, strict: bool = False) -> np.ndarray:
@@ -40,16 +131,7 @@ def load_wav(path: str | Path, expected_rate: int = SAMPLE_RATE, strict: bool = 
     with `strict=True` either raises instead.
     """
     path = Path(path)
-    if not path.is_file():
-        raise AudioInputError(f"audio file {path} does not exist")
-    if path.stat().st_size == 0:
-        raise AudioInputError(f"audio file {path} is empty (expected a wav/flac/ogg file)")
-    try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
-        raise AudioInputError(f"audio file {path} is corrupt or not a supported format (wav/flac/ogg): {exc}") from exc
-    if data.shape[0] == 0:
-        raise AudioInputError(f"audio file {path} holds no samples")
+    data, rate = read_audio_file(path)
     if data.shape[1] > 1:
         if strict:
             raise AudioInputError(f"audio file {path} has {data.shape[1]} channels; expected mono")
@@ -117,33 +199,37 @@ def mel_filters(n_mels: int = N_MELS, n_fft: int = N_FFT, rate: int = SAMPLE_RAT
     return bank * (2.0 / (edges[2:n_mels + 2] - edges[:n_mels]))[None, :]
 
 
-@lru_cache(maxsize=1)
-def _hann() -> np.ndarray:
-    return 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)  # periodic, as torch.hann_window
+@lru_cache(maxsize=4)
+def _hann(n_fft: int) -> np.ndarray:
+    return 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)  # periodic, as torch.hann_window
 
 
-def log_mel_spectrogram(wav: np.ndarray) -> np.ndarray:
-    """(N_MELS, len(wav)//HOP) Whisper log-mel of an already padded waveform."""
-    x = np.pad(np.asarray(wav, dtype=np.float64), (N_FFT // 2, N_FFT // 2), mode="reflect")
-    n_frames = 1 + (len(x) - N_FFT) // HOP
-    frames = np.lib.stride_tricks.as_strided(x, shape=(n_frames, N_FFT), strides=(x.strides[0] * HOP, x.strides[0]))
-    power = np.abs(np.fft.rfft(frames * _hann(), axis=1)) ** 2
-    mel = power[:-1] @ mel_filters()  # Whisper drops the last frame
+def log_mel_spectrogram(wav: np.ndarray, frontend: Frontend = DEFAULT_FRONTEND) -> np.ndarray:
+    """(n_mels, len(wav)//hop) Whisper log-mel of an already padded waveform."""
+    n_fft, hop = frontend.n_fft, frontend.hop
+    x = np.pad(np.asarray(wav, dtype=np.float64), (n_fft // 2, n_fft // 2), mode="reflect")
+    n_frames = 1 + (len(x) - n_fft) // hop
+    frames = np.lib.stride_tricks.as_strided(x, shape=(n_frames, n_fft), strides=(x.strides[0] * hop, x.strides[0]))
+    power = np.abs(np.fft.rfft(frames * _hann(n_fft), axis=1)) ** 2
+    mel = power[:-1] @ mel_filters(frontend.n_mels, n_fft, frontend.sample_rate)  # Whisper drops the last frame
     log_spec = np.log10(np.maximum(mel, 1e-10))
     log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
     return ((log_spec + 4.0) / 4.0).T.astype(np.float32)
 
 
-def audio_features(wav: np.ndarray) -> tuple[np.ndarray, int]:
-    """Model input for one utterance: (1, N_MELS, WINDOW_FRAMES * S) features and the valid frame count.
+def audio_features(wav: np.ndarray, frontend: Frontend = DEFAULT_FRONTEND) -> tuple[np.ndarray, int]:
+    """Model input for one utterance: (1, n_mels, window_frames * S) features and the valid frame count.
 
-    S is the number of 30 s windows the audio needs; the encoder runs each window separately.
+    S is the number of windows the audio needs; the encoder runs each window separately.
     """
     wav = np.asarray(wav, dtype=np.float32).reshape(-1)
     if wav.size == 0:
         raise AudioInputError("audio has no samples")
-    windows = -(-wav.size // WINDOW_SAMPLES)
-    padded = np.zeros(windows * WINDOW_SAMPLES, dtype=np.float32)
+    if not np.isfinite(wav).all():
+        raise AudioInputError(f"audio holds {int((~np.isfinite(wav)).sum())} NaN or Inf samples; expected "
+                              "finite samples in [-1, 1]")
+    windows = -(-wav.size // frontend.window_samples)
+    padded = np.zeros(windows * frontend.window_samples, dtype=np.float32)
     padded[: wav.size] = wav
-    valid = -(-wav.size // HOP)
-    return log_mel_spectrogram(padded)[None], valid
+    valid = -(-wav.size // frontend.hop)
+    return log_mel_spectrogram(padded, frontend)[None], valid

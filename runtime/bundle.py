@@ -52,8 +52,8 @@ class Bundle:
         return np.load(self.root / arrays[name]["file"], mmap_mode="r")
 
 
-def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Read and check a bundle. `verify=False` skips the sha256 pass (sizes are still checked)."""
+def read_manifest(path: str | Path) -> dict:
+    """A bundle's manifest, checked for its format version only (cheap: no file is hashed)."""
     root = Path(path)
     if not root.is_dir():
         raise BundleError(f"bundle folder {root} does not exist")
@@ -68,6 +68,14 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     if version != FORMAT_VERSION:
         raise BundleError(f"{root} is bundle format version {version!r}; this runtime reads version "
                           f"{FORMAT_VERSION} (re-export with a matching opens2s-edge)")
+    return manifest
+
+
+def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Read and check a bundle. `verify=False` skips the sha256 pass (sizes are still checked)."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    manifest_path = root / MANIFEST
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise BundleError(f"{manifest_path} lists no files")

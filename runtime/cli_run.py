@@ -47,9 +47,9 @@ def write_wav_atomic(path: Path, audio, sample_rate: int) -> None:
 def main(args: argparse.Namespace) -> int:
     from opens2s_edge.cli import UserError
 
-    from .audio import AudioInputError, load_wav
+    from .audio import AudioInputError, Frontend, load_wav
     from .audio_io import AudioDeviceError, Speaker, record
-    from .bundle import BundleError, load_bundle
+    from .bundle import BundleError, load_bundle, read_manifest
     from .engine import AudioChunk, AudioTooLong, TextDelta, TurnDone, TurnOptions, VoiceEngine
     from .onnx_backend import BackendError
 
@@ -60,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"[mic] recording {args.mic:g} s ...", file=sys.stderr, flush=True)
             wav = record(args.mic)
         else:
-            wav = load_wav(args.audio)
+            wav = load_wav(args.audio, Frontend.from_json(read_manifest(args.bundle)["audio"]).sample_rate)
         if args.backend == "tensorrt" and args.provider:
             raise UserError("--provider chooses onnxruntime's execution providers; --backend tensorrt runs the "
                             "bundle's engines directly (drop --provider, or use --backend onnxruntime)")

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .audio import audio_features
+from .audio import Frontend, audio_features
 from .bundle import Bundle
 from .decoding import DecodeOptions, GenerationDefaults, interleave_config, make_samplers
 from .interleave import InterleaveResult, interleave
@@ -228,6 +228,7 @@ class VoiceEngine:
         or a backend object."""
         self.bundle = bundle
         m = bundle.manifest
+        self.frontend = Frontend.from_json(m["audio"])
         self.backend = make_backend(backend, bundle, providers, threads, engines, cuda_graphs) \
             if isinstance(backend, str) else backend
         self.prompt = PromptBuilder.from_folder(bundle.root)
@@ -254,17 +255,16 @@ class VoiceEngine:
         return self.speaker_projection.run({"speaker": speaker.reshape(1, 1, -1)})[0][0]
 
     def encode_audio(self, wav: np.ndarray) -> np.ndarray:
-        """16 kHz mono samples -> the valid adapter embeddings (T, D_llm)."""
-        features, length = audio_features(wav)
+        """Mono samples at the frontend's rate -> the valid adapter embeddings (T, D_llm)."""
+        features, length = audio_features(wav, self.frontend)
         embeds, valid = self.audio.run({"input_features": features, "feature_length": np.array([length], np.int64)})
         return embeds[0, : int(valid[0])]
 
     # -- one turn ------------------------------------------------------------------------------------
     def check_audio(self, wav: np.ndarray) -> None:
         """Refuse an utterance the audio graph was not exported for, before any work starts."""
-        audio = self.bundle.manifest["audio"]
-        limit_s = self.bundle.graph("audio_encoder")["limits"]["max_windows"] * audio["window_seconds"]
-        seconds = wav.size / audio["sample_rate"]
+        limit_s = self.bundle.graph("audio_encoder")["limits"]["max_windows"] * self.frontend.window_seconds
+        seconds = wav.size / self.frontend.sample_rate
         if wav.size == 0:
             raise AudioTooLong("the utterance has no samples")
         if seconds > limit_s:

@@ -18,7 +18,7 @@ The released tokenizer (THUDM/glm-4-voice-tokenizer) is a `WhisperVQForCondition
 The encoder itself (convolutions, block-causal layers, pooling, nearest-code search) is the graph
 `speech_tokenizer.onnx` that `opens2s-edge export-tokenizer` writes (export/speech_tokenizer.py) from the one PyTorch
 definition (training/speech_tokenizer.py). This file also holds what both sides read from the released folder
-(`TokenizerStructure`, `FeatureSettings`), so the checks are written once.
+(`TokenizerStructure`, and the log-mel `Frontend` of runtime/audio.py), so the checks are written once.
 """
 
 from __future__ import annotations
@@ -166,48 +166,25 @@ class TokenizerStructure:
         return structure
 
 
-@dataclass(frozen=True)
-class FeatureSettings:
-    """The checkpoint's WhisperFeatureExtractor (preprocessor_config.json), where our numpy frontend computes it."""
-
-    sampling_rate: int
-    hop: int
-    n_fft: int
-    n_mels: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "manifest") -> FeatureSettings:
-        try:
-            return cls(**d)
-        except TypeError as exc:
-            raise SpeechTokenizerError(f"{where}: feature settings do not match this version: {exc}") from exc
-
-    @classmethod
-    def from_config(cls, config: dict, n_mels: int, where: str = "preprocessor_config.json") -> FeatureSettings:
-        kind = config.get("feature_extractor_type", "WhisperFeatureExtractor")
-        if kind != "WhisperFeatureExtractor":
-            raise SpeechTokenizerError(f"{where}: feature_extractor_type {kind!r}; expected WhisperFeatureExtractor")
-        # What runtime/audio.py computes; anything else would silently give other features.
-        want = {"sampling_rate": frontend.SAMPLE_RATE, "hop_length": frontend.HOP, "n_fft": frontend.N_FFT,
-                "feature_size": frontend.N_MELS}
-        wrong = [f"{k} {config.get(k)!r} (expected {v})" for k, v in want.items() if config.get(k, v) != v]
-        if config.get("feature_size", frontend.N_MELS) != n_mels:
-            wrong.append(f"feature_size {config.get('feature_size')!r} differs from config.json's num_mel_bins "
-                         f"{n_mels}")
-        if float(config.get("dither", 0.0) or 0.0) != 0.0:
-            wrong.append(f"dither {config.get('dither')!r} (expected 0.0: dithered features are random)")
-        if float(config.get("padding_value", 0.0) or 0.0) != 0.0:
-            wrong.append(f"padding_value {config.get('padding_value')!r} (expected 0.0)")
-        if wrong:
-            raise SpeechTokenizerError(f"{where}: the log-mel frontend computes 16 kHz, n_fft 400, hop 160, 128-bin "
-                                       f"Whisper features only; this extractor has {'; '.join(wrong)}")
-        return cls(frontend.SAMPLE_RATE, frontend.HOP, frontend.N_FFT, frontend.N_MELS)
+def tokenizer_frontend(config: dict, n_mels: int, where: str = "preprocessor_config.json") -> frontend.Frontend:
+    """The checkpoint's WhisperFeatureExtractor as our frontend, where the reference procedure runs on it: its
+    segments are 30 s at 16 kHz (utils.extract_speech_token hard-codes both) and its bins are the encoder's."""
+    try:
+        features = frontend.Frontend.from_config(config, where)
+    except frontend.FrontendError as exc:
+        raise SpeechTokenizerError(str(exc)) from exc
+    wrong = []
+    if features.sample_rate != SAMPLE_RATE:
+        wrong.append(f"sampling_rate {features.sample_rate} (expected {SAMPLE_RATE})")
+    if features.n_mels != n_mels:
+        wrong.append(f"feature_size {features.n_mels} differs from config.json's num_mel_bins {n_mels}")
+    if wrong:
+        raise SpeechTokenizerError(f"{where}: the reference tokenizes 16 kHz audio with the encoder's mel bins; "
+                                   f"this extractor has {'; '.join(wrong)}")
+    return features
 
 
-def read_tokenizer_configs(folder: str | Path) -> tuple[TokenizerStructure, FeatureSettings]:
+def read_tokenizer_configs(folder: str | Path) -> tuple[TokenizerStructure, frontend.Frontend]:
     """The structure (config.json) and the features (preprocessor_config.json) of a released tokenizer folder."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -216,7 +193,7 @@ def read_tokenizer_configs(folder: str | Path) -> tuple[TokenizerStructure, Feat
     structure = TokenizerStructure.from_config(read_json(config_path, SpeechTokenizerError, "tokenizer config"),
                                                str(config_path))
     pre_path = folder / "preprocessor_config.json"
-    features = FeatureSettings.from_config(read_json(pre_path, SpeechTokenizerError, "feature extractor config"),
+    features = tokenizer_frontend(read_json(pre_path, SpeechTokenizerError, "feature extractor config"),
                                            structure.n_mels, str(pre_path))
     frames = -(-SEGMENT_SAMPLES // structure.stride_samples(features.hop)) * structure.frames_per_token
     if frames // CONV_STRIDE > structure.max_source_positions:
@@ -273,17 +250,7 @@ def resample_reference(wav: np.ndarray, rate_in: int, rate_out: int = SAMPLE_RAT
 def read_audio(path: str | Path, report: bool = True) -> AudioInput:
     """A file as the reference reads it: float32, the first channel, resampled to 16 kHz (both noted, and logged
     unless `report=False`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise frontend.AudioInputError(f"audio file {path} does not exist")
-    if path.stat().st_size == 0:
-        raise frontend.AudioInputError(f"audio file {path} is empty (expected a wav/flac/ogg file)")
-    try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
-        raise frontend.AudioInputError(f"audio file {path} is corrupt or not a supported format: {exc}") from exc
-    if data.shape[0] == 0:
-        raise frontend.AudioInputError(f"audio file {path} holds no samples")
+    data, rate = frontend.read_audio_file(path)
     return audio_input(data, rate, str(path), report)
 
 
@@ -349,20 +316,20 @@ class SegmentBatch:
     owners: list[int]  # input index of each segment
 
 
-def padded_length(lengths: Iterable[int], structure: TokenizerStructure, features: FeatureSettings) -> int:
+def padded_length(lengths: Iterable[int], structure: TokenizerStructure, features: frontend.Frontend) -> int:
     """Samples every segment of a reference batch is padded to: the longest, rounded up to the stride."""
     stride = structure.stride_samples(features.hop)
     return -(-max(lengths) // stride) * stride
 
 
-def segment_batch(segments: Sequence[np.ndarray], owners: list[int], features: FeatureSettings,
+def segment_batch(segments: Sequence[np.ndarray], owners: list[int], features: frontend.Frontend,
                   padded_len: int) -> SegmentBatch:
     """Segments zero-padded to `padded_len` samples, then each one's log-mel (clamped over its padded length)."""
     mels, lengths = [], []
     for seg in segments:
         padded = np.zeros(padded_len, dtype=np.float32)
         padded[: seg.size] = seg
-        mels.append(frontend.log_mel_spectrogram(padded))
+        mels.append(frontend.log_mel_spectrogram(padded, features))
         lengths.append(valid_frames(seg.size, features.hop))
     return SegmentBatch(np.stack(mels), np.asarray(lengths, dtype=np.int64), list(owners))
 
@@ -372,7 +339,7 @@ DEFAULT_CHUNK = 8
 
 
 def iter_tokenize(run: Runner, inputs: Iterable[np.ndarray], structure: TokenizerStructure,
-                  features: FeatureSettings, batch_size: int = BATCH_SEGMENTS, chunk: int = DEFAULT_CHUNK,
+                  features: frontend.Frontend, batch_size: int = BATCH_SEGMENTS, chunk: int = DEFAULT_CHUNK,
                   on_batch: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, list[int]]]:
     """(input index, tokens) for each input as soon as its last segment has run, in input order.
 
@@ -432,7 +399,7 @@ def iter_tokenize(run: Runner, inputs: Iterable[np.ndarray], structure: Tokenize
 
 
 def tokenize_all(run: Runner, inputs: Iterable[np.ndarray], structure: TokenizerStructure,
-                 features: FeatureSettings, batch_size: int = BATCH_SEGMENTS,
+                 features: frontend.Frontend, batch_size: int = BATCH_SEGMENTS,
                  chunk: int = DEFAULT_CHUNK) -> list[list[int]]:
     """Tokens per input (the reference's `extract_speech_token` on the same list of 16 kHz inputs)."""
     return [t for _, t in iter_tokenize(run, inputs, structure, features, batch_size, chunk)]
@@ -469,9 +436,9 @@ class OnnxSpeechTokenizer:
                                        "write one with `opens2s-edge export-tokenizer`")
         self.folder = Path(folder)
         self.structure = TokenizerStructure.from_dict(section["structure"], str(self.folder / "manifest.json"))
-        self.features = FeatureSettings.from_dict(section["features"], str(self.folder / "manifest.json"))
+        self.features = frontend.Frontend.from_json(section["features"])
         self.codebook_size = self.structure.vocab_size
-        self.rate_hz = self.features.sampling_rate / self.structure.stride_samples(self.features.hop)
+        self.rate_hz = self.features.sample_rate / self.structure.stride_samples(self.features.hop)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

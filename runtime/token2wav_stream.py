@@ -229,6 +229,14 @@ def _embedding(spec: DecoderSpec, embedding: np.ndarray | None) -> np.ndarray:
     return emb
 
 
+# One flow pass attends over all its frames (6.9 per token at 12.5 Hz): the estimator's attention maps take
+# about 2 (CFG batch) x 8 (heads) x 4 bytes x frames^2, 3 KB x tokens^2 for the released decoder (measured: 400
+# tokens +0.7 GB, 1000 tokens 2.3 GB). A pass is therefore held to SINGLE_PASS_TOKENS (32 s of speech, ~0.5 GB);
+# longer inputs are synthesized through the bounded-history stream below in LONG_INPUT_STREAM windows, whose
+# passes see at most window + block + chunk tokens, so memory stays flat whatever the length.
+SINGLE_PASS_TOKENS = 400
+
+
 def synthesize_mel(
     backend: Token2WavBackend,
     tokens: np.ndarray,
@@ -246,6 +254,10 @@ def synthesize_mel(
     spec = backend.spec
     tokens = validate_tokens(tokens, spec.vocab_size)
     prompt = validate_tokens([] if prompt_tokens is None else prompt_tokens, spec.vocab_size, allow_empty=True)
+    if len(prompt) + len(tokens) > SINGLE_PASS_TOKENS:
+        raise Token2WavError(
+            f"speech tokens: one flow pass takes at most {SINGLE_PASS_TOKENS} tokens (its memory grows with the "
+            f"square of the length), got {len(prompt) + len(tokens)}; synthesize() and streams take any length")
     n_prompt = 0 if prompt_mel is None else int(np.asarray(prompt_mel).shape[-1])
     mu, spks = backend.encode(np.concatenate([prompt, tokens]), _embedding(spec, embedding))
     total = mu.shape[-1]
@@ -276,9 +288,14 @@ def synthesize(
     seed: int = 0,
     random_source: bool = True,
 ) -> np.ndarray:
-    """Non-streaming tokens -> waveform (float32, spec.frames(N) * hop samples)."""
+    """Non-streaming tokens -> waveform (float32, spec.frames(N) * hop samples). Up to SINGLE_PASS_TOKENS in one
+    flow pass; longer inputs in bounded windows (LONG_INPUT_STREAM), so memory does not grow with the length."""
     spec = backend.spec
     tokens = validate_tokens(tokens, spec.vocab_size)
+    if len(tokens) > SINGLE_PASS_TOKENS:
+        stream = Token2WavStream(backend, LONG_INPUT_STREAM, embedding=embedding, seed=seed,
+                                 random_source=random_source)
+        return np.concatenate([stream.push(tokens), stream.finalize()])
     rand = _Randomness(spec, seed, random_source)
     n_frames = spec.frames(len(tokens))
     mel = synthesize_mel(backend, tokens, embedding=embedding, noise=rand.flow.frames(0, n_frames))
@@ -320,6 +337,10 @@ class StreamConfig:
     def max_window_tokens(self, spec: DecoderSpec) -> int:
         """The most tokens one flow call sees: window rounded down to a block, plus the largest chunk."""
         return self.window + spec.block_size - 1 + max(self.first_chunk, self.chunk)
+
+
+# Windows for inputs longer than one pass: 200-token chunks with 40 tokens (3.2 s) of history.
+LONG_INPUT_STREAM = StreamConfig(first_chunk=200, chunk=200, window=40)
 
 
 def _fade(n: int) -> tuple[np.ndarray, np.ndarray]:

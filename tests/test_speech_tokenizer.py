@@ -425,7 +425,7 @@ def test_config_errors_are_named(small_tokenizer: Path, edit: dict, match: str) 
 
 
 @pytest.mark.parametrize("edit, match", [
-    ({"n_fft": 512}, "n_fft 512"), ({"dither": 1.0}, "dither"), ({"feature_size": 80}, "feature_size 80"),
+    ({"n_fft": 0}, "n_fft 0"), ({"dither": 1.0}, "dither"), ({"feature_size": 80}, "feature_size 80"),
     ({"sampling_rate": 24000}, "sampling_rate 24000"), ({"feature_extractor_type": "X"}, "feature_extractor_type"),
 ])
 def test_feature_extractor_errors_are_named(small_tokenizer: Path, edit: dict, match: str) -> None:

@@ -17,8 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-WINDOW_FRAMES = 3000  # log-mel frames in one 30 s window
-
 
 @dataclass
 class AudioEncoderConfig:
@@ -28,6 +26,11 @@ class AudioEncoderConfig:
     encoder_ffn_dim: int = 5120
     num_mel_bins: int = 128
     max_source_positions: int = 1500
+
+    @property
+    def window_frames(self) -> int:
+        """Log-mel frames in one window: the reference cuts its input at 2 x max_source_positions (conv2 halves it)."""
+        return 2 * self.max_source_positions
 
     @classmethod
     def from_dict(cls, d: dict) -> AudioEncoderConfig:
@@ -114,17 +117,18 @@ class AudioEncoder(nn.Module):
         rows past the valid length are padding (the adapter ignores them).
         """
         b, n_mels, frames = features.shape
-        if frames % WINDOW_FRAMES:
-            raise ValueError(f"features must span whole 30 s windows ({WINDOW_FRAMES} frames), got {frames}")
-        windows = frames // WINDOW_FRAMES
-        per_window = features.view(b, n_mels, windows, WINDOW_FRAMES).permute(0, 2, 1, 3)
-        encoded = self.forward_windows(per_window.reshape(b * windows, n_mels, WINDOW_FRAMES))
+        window = self.config.window_frames
+        if frames % window:
+            raise ValueError(f"features must span whole windows ({window} frames), got {frames}")
+        windows = frames // window
+        per_window = features.view(b, n_mels, windows, window).permute(0, 2, 1, 3)
+        encoded = self.forward_windows(per_window.reshape(b * windows, n_mels, window))
         encoded = encoded.view(b, windows * encoded.shape[1], -1)
         # Valid frames per window, then summed: each window is pooled on its own.
-        starts = torch.arange(windows, device=features.device) * WINDOW_FRAMES
+        starts = torch.arange(windows, device=features.device) * window
         # min/max rather than clamp: TensorRT's Clip takes floats only.
         in_window = torch.minimum(torch.maximum(mel_lengths[:, None] - starts[None, :], torch.zeros_like(starts)),
-                                  torch.full_like(starts, WINDOW_FRAMES))
+                                  torch.full_like(starts, window))
         return encoded, torch.where(in_window > 0, encoder_lengths(in_window), 0).sum(1)
 
 

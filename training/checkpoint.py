@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from opens2s_edge.runtime.audio import Frontend, FrontendError
 from opens2s_edge.runtime.decoding import GenerationDefaults
 from opens2s_edge.runtime.files import atomic_dir, read_json
 from opens2s_edge.runtime.prompt import TokenizerError, eos_ids
@@ -73,6 +74,26 @@ def read_generation_defaults(folder: Path) -> GenerationDefaults:
         raise CheckpointError(str(exc)) from exc
     return GenerationDefaults(text_eos, int(llm.get("max_new_tokens") or 512), speech_eos,
                               int(tts.get("max_new_tokens") or 512))
+
+
+def read_frontend(folder: Path, config: OpenS2SConfig | None = None) -> Frontend:
+    """The log-mel settings of `audio/preprocessor_config.json`, checked against the audio encoder's input."""
+    try:
+        frontend = Frontend.from_file(Path(folder) / "audio" / "preprocessor_config.json")
+    except FrontendError as exc:
+        raise CheckpointError(str(exc)) from exc
+    config = config or read_config(Path(folder))
+    audio = config.audio
+    problems = []
+    if frontend.n_mels != audio.num_mel_bins:
+        problems.append(f"feature_size {frontend.n_mels} != audio_encoder_config.num_mel_bins {audio.num_mel_bins}")
+    if frontend.window_frames != audio.window_frames:
+        problems.append(f"a {frontend.window_seconds} s window is {frontend.window_frames} frames; the encoder takes "
+                        f"2 x max_source_positions = {audio.window_frames}")
+    if problems:
+        raise CheckpointError(f"{folder}/audio/preprocessor_config.json does not fit config.json: "
+                              + "; ".join(problems))
+    return frontend
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -136,15 +157,20 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
         model = OpenS2S(config)
     check_state_dict(model, state, str(folder))
     model.load_state_dict(state, strict=False, assign=True)
+    tie_missing_heads(model, set(state), folder)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def tie_missing_heads(model: OpenS2S, present: set[str], folder: Path) -> None:
+    """Tie each LM's head to its input embeddings when the config says so or the file has no head."""
     for prefix, lm in (("llm_model.", model.llm_model), ("tts_lm_model.", model.tts_lm_model)):
-        if prefix + "lm_head.weight" not in state:
+        if prefix + "lm_head.weight" not in present:
             if not lm.config.tie_word_embeddings:
                 # save_pretrained drops a tied lm_head and the reference then re-initialises it at random;
                 # tying it back is the only reading that keeps the trained weights.
                 log.warning("%s: %slm_head.weight is missing though the config is untied: tying it to the "
                             "input embeddings", folder, prefix)
             lm.lm_head.weight = lm.model.embed_tokens.weight
-    return model.to(device=device, dtype=dtype).eval()
 
 
 def save_checkpoint(model: OpenS2S, out_dir: str | Path, assets_from: str | Path | None = None,

@@ -53,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
     from opens2s_edge.runtime.prompt import TokenizerError
     from opens2s_edge.runtime.token2wav_stream import Token2WavError
 
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, read_frontend
     from .cuda_backend import DeviceError, use_kernels
     from .generate import Generator
 
@@ -62,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
     if args.max_context < 2:
         raise UserError(f"--max-context must be at least 2, got {args.max_context}")
     try:
-        wav = load_wav(args.audio)
+        wav = load_wav(args.audio, read_frontend(args.checkpoint).sample_rate)
         generator = Generator(args.checkpoint, dtype=args.dtype, max_context=args.max_context, device=args.device,
                               cuda_graphs=args.cuda_graphs, compile=args.compile, decoder=args.decoder)
         if args.kernels != "torch" or args.weights is not None:

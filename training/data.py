@@ -45,6 +45,7 @@ from opens2s_edge.runtime.prompt import (
     SpeechVocab,
 )
 
+from .checkpoint import read_frontend
 from .opens2s import SPEAKER_DIM
 
 IGNORE_INDEX = -100
@@ -300,13 +301,16 @@ class Collator:
             raise DataError(f"tokenizer in {folder} lacks {TTS_END_TOKEN} or <|im_end|>")
         self.need_audio, self.need_units, self.need_tts_text = need_audio, need_units, need_tts_text
         self.need_user_audio = need_user_audio
+        self.frontend = read_frontend(folder)
+        if self.frontend.sample_rate != SAMPLE_RATE:
+            raise DataError(f"{folder}: the feature extractor runs at {self.frontend.sample_rate} Hz; training rows "
+                            f"are read at {SAMPLE_RATE} Hz")
         # Small datasets revisit the same files every epoch; memoising the frontend saves most of a CPU step.
         self._features = functools.lru_cache(maxsize=feature_cache)(self._compute_features) if feature_cache \
             else self._compute_features
 
-    @staticmethod
-    def _compute_features(ref: AudioRef, where: str) -> tuple[np.ndarray, int]:
-        f, n = audio_features(read_audio(ref, where))
+    def _compute_features(self, ref: AudioRef, where: str) -> tuple[np.ndarray, int]:
+        f, n = audio_features(read_audio(ref, where), self.frontend)
         return f, int(n)
 
     def prompt_ids(self, sample: Sample) -> list[int]:

@@ -22,7 +22,7 @@ from opens2s_edge.runtime.interleave import InterleaveResult, interleave
 from opens2s_edge.runtime.prompt import AUDIO_PLACEHOLDER_ID, PromptBuilder, SpeechVocab
 from opens2s_edge.runtime.token2wav_stream import StreamConfig
 
-from .checkpoint import load_checkpoint, read_generation_defaults
+from .checkpoint import load_checkpoint, read_frontend, read_generation_defaults
 from .cuda_backend import StaticDecodeStep, host_row, resolve_device, resolve_dtype, resolve_step_mode
 from .opens2s import SPEAKER_DIM, OpenS2S
 
@@ -228,6 +228,7 @@ class Generator:
         self.prompt = PromptBuilder.from_folder(self.folder)
         self.vocab = SpeechVocab.from_folder(self.folder / "tts")
         self.defaults = read_generation_defaults(self.folder)
+        self.frontend = read_frontend(self.folder, self.model.config)
         self.model.llm_model.setup_cache(max_context)
         self.model.tts_lm_model.setup_cache(max_context)
         self.llm_step = self.tts_step = None
@@ -265,7 +266,7 @@ class Generator:
         timer = _Timer(on_step)
         model = self.model
         started = time.perf_counter()
-        features, length = audio_features(wav)
+        features, length = audio_features(wav, self.frontend)
         audio_embeds = model.encode_audio(torch.from_numpy(features).to(self.device, self.dtype),
                                           torch.tensor([length], device=self.device))
         timer.record("audio", int(audio_embeds.shape[1]), started)

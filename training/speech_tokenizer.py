@@ -37,14 +37,15 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from opens2s_edge.runtime import speech_tokenizer as procedure
+from opens2s_edge.runtime.audio import Frontend
 from opens2s_edge.runtime.files import atomic_dir
 from opens2s_edge.runtime.speech_tokenizer import (
     BATCH_SEGMENTS,
     DEFAULT_CHUNK,
-    FeatureSettings,
     SpeechTokenizerError,
     TokenizerStructure,
     read_tokenizer_configs,
+    tokenizer_frontend,
 )
 
 from .weights import key_mismatches
@@ -227,7 +228,7 @@ def read_encoder_state(folder: Path, structure: TokenizerStructure) -> dict[str,
     return state
 
 
-def load_encoder(folder: str | Path) -> tuple[WhisperVQEncoder, FeatureSettings]:
+def load_encoder(folder: str | Path) -> tuple[WhisperVQEncoder, Frontend]:
     """The encoder of a released tokenizer folder (fp32, eval) and its feature settings."""
     folder = Path(folder)
     structure, features = read_tokenizer_configs(folder)
@@ -255,7 +256,7 @@ class GLM4VoiceTokenizer:
         self.device = torch.device(device)
         self.structure = self.model.structure
         self.codebook_size = self.structure.vocab_size
-        self.rate_hz = self.features.sampling_rate / self.structure.stride_samples(self.features.hop)
+        self.rate_hz = self.features.sample_rate / self.structure.stride_samples(self.features.hop)
 
     @property
     def source(self) -> str:
@@ -387,7 +388,7 @@ def write_random_tokenizer(out_dir: str | Path, *, seed: int = 0, decoder_layers
             encoder.embed_positions2.weight.copy_(encoder.embed_positions.weight[:rows])
         trimmed = WhisperVQEncoder(s)
         trimmed.load_state_dict({k: v for k, v in encoder.state_dict().items() if k in trimmed.state_dict()})
-        features = FeatureSettings.from_config(PREPROCESSOR_CONFIG, s.n_mels)
+        features = tokenizer_frontend(PREPROCESSOR_CONFIG, s.n_mels)
         batch = procedure.segment_batch([_probe_audio(seed=seed)], [0], features,
                                         procedure.padded_length([6 * procedure.SAMPLE_RATE], s, features))
         with torch.no_grad():
