@@ -173,7 +173,8 @@ class PromptBuilder:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
                 raise MessageError(f"message {i}: expected an object with a string 'role' and a 'content'")
             text, _ = message_text(m["content"], f"message {i}")
-            rendered.append({"role": m["role"], "content": text})
+            # Other keys (tool_calls, reasoning_content) reach the template as given; the worker's have none.
+            rendered.append({**m, "content": text})
         return render_chat_template(self.chat_template, rendered, add_generation_prompt=True,
                                     enable_thinking=False, **self.special_tokens) + TTS_START_TOKEN
 
