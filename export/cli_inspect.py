@@ -24,15 +24,18 @@ def main(args: argparse.Namespace) -> int:
     except BundleError as exc:
         raise UserError(str(exc)) from exc
     m = bundle.manifest
-    rows = [("format version", str(m["format_version"])), ("dtype", m["dtype"]),
-            ("interleave M:N", m["interleave_strategy"]),
-            ("exported with", ", ".join(f"{k} {v}" for k, v in m["versions"].items())),
-            ("LLM", ", ".join(f"{k} {v}" for k, v in m["llm"].items())),
-            ("TTS LM", ", ".join(f"{k} {v}" for k, v in m["tts"].items())),
-            ("generation", ", ".join(f"{k} {v}" for k, v in m["generation"].items())),
-            ("speech tokens", ", ".join(f"{k} {v}" for k, v in m["speech_tokens"].items())),
-            ("audio", ", ".join(f"{k} {v}" for k, v in m["audio"].items())),
-            ("token2wav", ", ".join(f"{k} {v}" for k, v in m["token2wav"]["spec"].items()))]
+
+    def fields(section: object) -> str:
+        if isinstance(section, dict):
+            return ", ".join(f"{k} {fields(v) if isinstance(v, dict) else v}" for k, v in section.items())
+        return str(section)
+
+    # A speech-tokenizer bundle has only some of an OpenS2S bundle's sections: show what is there.
+    labels = [("format_version", "format version"), ("dtype", "dtype"), ("interleave_strategy", "interleave M:N"),
+              ("versions", "exported with"), ("llm", "LLM"), ("tts", "TTS LM"), ("generation", "generation"),
+              ("speech_tokens", "speech tokens"), ("audio", "audio"), ("token2wav", "token2wav"),
+              ("speech_tokenizer", "speech tokenizer")]
+    rows = [(label, fields(m[key]["spec"] if key == "token2wav" else m[key])) for key, label in labels if key in m]
     width = max(len(k) for k, _ in rows)
     print(f"bundle {bundle.root}")
     for k, v in rows:
