@@ -298,7 +298,9 @@ class ReferencePipeline:
         self.vocab = SpeechVocab.from_folder(folder / "tts")
         self.defaults = read_generation_defaults(folder)
         self.frontend = read_frontend(folder, self.model.config)
-        m, n = (int(x) for x in self.model.config.interleave_strategy.split(":"))
+        from opens2s_edge.runtime.interleave import parse_strategy
+
+        m, n = parse_strategy(self.model.config.interleave_strategy)
         self.text_span, self.speech_span = m, n
         self.decoder = load_decoder(decoder_dir, device=self.device)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from opens2s_edge.runtime.interleave import parse_strategy
 from opens2s_edge.runtime.token2wav_stream import DecoderSpec, StreamConfig
 
 # Prefill length TensorRT tunes the LLM for: a system prompt, chat template and a few seconds of speech at 6.25 Hz
@@ -71,7 +72,7 @@ def _check(name: str, rng: Range) -> Range:
 
 def text_span(manifest: dict) -> int:
     """M of the interleave strategy "M:N": LLM hidden states fed to the TTS LM per chunk."""
-    return int(str(manifest.get("interleave_strategy", "4:8")).split(":")[0])
+    return parse_strategy(str(manifest.get("interleave_strategy", "4:8")))[0]
 
 
 def stream_ranges(spec: DecoderSpec, stream: StreamConfig) -> dict[str, Range]:

@@ -40,6 +40,17 @@ class SpeechDecoder(Protocol):
     def step(self, token: int) -> np.ndarray: ...
 
 
+def parse_strategy(strategy: str) -> tuple[int, int]:
+    """OpenS2S's `interleave_strategy` "M:N": M text tokens' hidden states in, N speech tokens out."""
+    try:
+        m, n = (int(x) for x in str(strategy).split(":"))
+    except ValueError as exc:
+        raise ValueError(f"interleave_strategy must look like 'M:N', got {strategy!r}") from exc
+    if m < 1 or n < 1:
+        raise ValueError(f"interleave_strategy needs M, N >= 1, got {strategy!r}")
+    return m, n
+
+
 @dataclass(frozen=True)
 class Event:
     kind: str  # "text" or "speech"
@@ -57,12 +68,7 @@ class InterleaveConfig:
 
     @classmethod
     def from_strategy(cls, strategy: str, **kwargs: object) -> InterleaveConfig:
-        try:
-            m, n = (int(x) for x in strategy.split(":"))
-        except ValueError as exc:
-            raise ValueError(f"interleave_strategy must look like 'M:N', got {strategy!r}") from exc
-        if m < 1 or n < 1:
-            raise ValueError(f"interleave_strategy needs M, N >= 1, got {strategy!r}")
+        m, n = parse_strategy(strategy)
         return cls(text_span=m, speech_span=n, **kwargs)  # type: ignore[arg-type]
 
 

@@ -15,12 +15,16 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from .decoder import ContextFull, KVDecoder
+from .dtypes import ONNX_TYPES
+
+__all__ = ["BackendError", "ContextFull", "OnnxRuntimeBackend", "OrtDecoder", "OrtGraph", "make_session"]
+
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
-_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
 
 class BackendError(RuntimeError):
@@ -58,7 +62,7 @@ def make_session(path: Path, providers: Sequence[Any], threads: int = 0) -> ort.
 
 def input_dtypes(session: ort.InferenceSession) -> dict[str, type]:
     """numpy dtype of each graph input: an fp16 bundle's graphs take fp16 activations, an fp32 one fp32."""
-    return {i.name: _NUMPY_DTYPES.get(_onnx_type(i.type), np.float32) for i in session.get_inputs()}
+    return {i.name: ONNX_TYPES.get(i.type, np.float32) for i in session.get_inputs()}
 
 
 def cache_device(providers: Sequence[str]) -> str:
@@ -72,33 +76,32 @@ def cache_device(providers: Sequence[str]) -> str:
     return "cuda" if first in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
 
 
-class CachedDecoder:
-    """One decoder graph with its preallocated KV cache; `run(embeds)` advances the position."""
+class OrtDecoder(KVDecoder):
+    """One sequence's KV cache on a shared decoder session, bound in place (past_* and present_* are one buffer)."""
 
     def __init__(self, session: ort.InferenceSession, embed_table: np.ndarray, device: str | None = None,
                  device_id: int = 0):
+        inputs = {i.name: i for i in session.get_inputs()}
+        cache_names = sorted((n for n in inputs if n.startswith("past_")), key=_cache_order)
+        if not cache_names:
+            raise BackendError("decoder graph has no past_* cache inputs")
+        first = inputs[cache_names[0]]
+        super().__init__(embed_table, int(first.shape[2]), ONNX_TYPES[inputs["inputs_embeds"].type])
         self.session = session
         self.device = device or cache_device(session.get_providers())
-        self.embed_table = embed_table
-        inputs = {i.name: i for i in session.get_inputs()}
-        self.cache_names = sorted((n for n in inputs if n.startswith("past_")), key=_cache_order)
-        if not self.cache_names:
-            raise BackendError("decoder graph has no past_* cache inputs")
-        first = inputs[self.cache_names[0]]
-        self.max_len = int(first.shape[2])
-        dtype = _NUMPY_DTYPES[_onnx_type(first.type)]
-        self.embed_dtype = _NUMPY_DTYPES[_onnx_type(inputs["inputs_embeds"].type)]
-        shapes = {n: [int(d) for d in inputs[n].shape] for n in self.cache_names}
+        self.cache_names = cache_names
+        dtype = ONNX_TYPES[first.type]
+        shapes = {n: [int(d) for d in inputs[n].shape] for n in cache_names}
         if self.device == "cpu":
             # The cache lives in numpy arrays that onnxruntime reads and writes through OrtValues.
-            self.cache = {n: np.zeros(shapes[n], dtype=dtype) for n in self.cache_names}
+            self.cache = {n: np.zeros(shapes[n], dtype=dtype) for n in cache_names}
             self.cache_values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self.cache.items()}
         else:
             # On the device: one CUDA OrtValue per cache, created from zeros (not left uninitialized: a masked
             # row still enters attention as probability 0 times its value, and 0 * NaN garbage would be NaN).
             self.cache = {}
             self.cache_values = {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(shapes[n], dtype=dtype), self.device,
-                                                                     device_id) for n in self.cache_names}
+                                                                     device_id) for n in cache_names}
         self.binding = session.io_binding()
         # Results first, so they are the first values get_outputs() returns; then the in-place cache.
         self.output_names = [o.name for o in session.get_outputs() if not o.name.startswith("present_")]
@@ -107,34 +110,16 @@ class CachedDecoder:
         for name, value in self.cache_values.items():
             self.binding.bind_ortvalue_input(name, value)
             self.binding.bind_ortvalue_output("present_" + name[len("past_"):], value)
-        self.pos = 0
 
-    def reset(self) -> None:
-        """A new turn: positions restart at 0; stale rows past the position are masked, never read."""
-        self.pos = 0
-
-    def embed(self, ids: Sequence[int]) -> np.ndarray:
-        return self.embed_table[np.asarray(ids, dtype=np.int64)]
-
-    def run(self, embeds: np.ndarray) -> dict[str, np.ndarray]:
-        """Feed embeddings (T, D) at the current position; returns the last row of each output."""
-        t = embeds.shape[0]
-        if self.pos + t > self.max_len:
-            raise ContextFull(f"the turn needs {self.pos + t} positions but the bundle's cache holds {self.max_len}"
-                              " (export with a larger --max-context)")
-        self.binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds[None], dtype=self.embed_dtype))
-        self.binding.bind_cpu_input("start", np.array(self.pos, dtype=np.int64))
+    def _run(self, embeds: np.ndarray, start: int) -> dict[str, np.ndarray]:
+        self.binding.bind_cpu_input("inputs_embeds", embeds[None])
+        self.binding.bind_cpu_input("start", np.array(start, dtype=np.int64))
         self.session.run_with_iobinding(self.binding)
         values = self.binding.get_outputs()
-        self.pos += t
         # Only the result rows are read back (copied: onnxruntime reuses its output buffers next run);
         # the cache outputs are our own buffers, already updated in place.
         return {name: np.array(values[i].numpy()[0, -1], dtype=np.float32)
                 for i, name in enumerate(self.output_names)}
-
-
-class ContextFull(RuntimeError):
-    """The KV cache has no room for the next positions: the turn stops here."""
 
 
 class OrtGraph:
@@ -212,16 +197,21 @@ class OnnxRuntimeBackend:
         self.bundle = bundle
         self.providers = resolve_providers(providers)
         self.threads = threads
+        self._sessions: dict[str, ort.InferenceSession] = {}
 
     def session(self, name: str) -> ort.InferenceSession:
-        providers = session_providers(self.providers, self.bundle.manifest, name)
-        return make_session(self.bundle.graph_path(name), providers, self.threads)
+        """The graph's one session (loaded on first use): every sequence of a decoder shares it."""
+        if name not in self._sessions:
+            providers = session_providers(self.providers, self.bundle.manifest, name)
+            self._sessions[name] = make_session(self.bundle.graph_path(name), providers, self.threads)
+        return self._sessions[name]
 
     def graph(self, name: str) -> OrtGraph:
         return OrtGraph(self.session(name))
 
-    def decoder(self, name: str, embed_table: np.ndarray) -> CachedDecoder:
-        return CachedDecoder(self.session(name), embed_table)
+    def decoder(self, name: str, embed_table: np.ndarray) -> OrtDecoder:
+        """A new sequence (its own KV cache) on the decoder graph `name`."""
+        return OrtDecoder(self.session(name), embed_table)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "providers": list(self.providers)}
@@ -231,7 +221,3 @@ def _cache_order(name: str) -> tuple[int, str]:
     layer = int(name.rsplit("_", 1)[1])
     return layer, name
 
-
-def _onnx_type(type_string: str) -> str:
-    return {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
-            "tensor(int32)": "int32"}.get(type_string, type_string)

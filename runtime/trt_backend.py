@@ -33,7 +33,11 @@ import numpy as np
 
 from .bundle import Bundle, BundleError
 from .cuda_memory import Cuda, CudaError, CudaGraph, DeviceBuffer, PinnedArray, Stream
-from .onnx_backend import BackendError, ContextFull
+from .decoder import ContextFull, KVDecoder
+from .dtypes import bf16_bits_to_float32, float32_to_bf16_bits
+from .onnx_backend import BackendError
+
+__all__ = ["ContextFull", "TensorRTBackend", "TrtDecoder", "bf16_bits_to_float32", "float32_to_bf16_bits"]
 
 INSTALL_TENSORRT = ("install TensorRT 10 for this machine: on Jetson it comes with JetPack (apt package "
                     "python3-libnvinfer; use the system python3 or a venv made with --system-site-packages); on "
@@ -51,22 +55,6 @@ def import_tensorrt() -> ModuleType:
         raise BackendError(f"the TensorRT backend needs the tensorrt Python package, which is not importable "
                            f"({exc}); {INSTALL_TENSORRT}; or run with --backend onnxruntime") from exc
     return trt
-
-
-# -- bf16 on the host --------------------------------------------------------------------------------------
-def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even like a GPU cast."""
-    bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
-    rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
-    out = (rounded >> np.uint32(16)).astype(np.uint16)
-    nan = np.isnan(np.asarray(x, np.float32))
-    if nan.any():  # keep NaN a NaN (rounding could carry it into infinity)
-        out[nan] = np.uint16(0x7FC0)
-    return out
-
-
-def bf16_bits_to_float32(b: np.ndarray) -> np.ndarray:
-    return (np.asarray(b, np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 @dataclass(frozen=True)
@@ -269,11 +257,11 @@ class TrtGraph:
         return [spec.to_host(raw) for spec, raw in raws]
 
 
-class TrtDecoder:
-    """A decoder engine with its KV caches on the device; the same protocol as onnx_backend.CachedDecoder."""
+class TrtDecoder(KVDecoder):
+    """One sequence on a decoder engine: its KV caches on the device, bound in place (see the module docstring)."""
 
     def __init__(self, backend: TensorRTBackend, engine: _Engine, embed_table: np.ndarray, cuda_graphs: bool):
-        self.backend, self.engine, self.embed_table = backend, engine, embed_table
+        self.backend, self.engine = backend, engine
         specs = engine.specs
         for required in ("inputs_embeds", "start"):
             if required not in specs:
@@ -283,7 +271,6 @@ class TrtDecoder:
             raise BackendError(f"engine for {engine.graph!r} has no past_* cache inputs")
         self.result_names = [n for n in engine.outputs if not n.startswith("present_")]
         self.embeds_spec, self.start_spec = specs["inputs_embeds"], specs["start"]
-        self.embed_dtype = self.embeds_spec.host_dtype.type
         self.prefill_profile = engine.profile_index("prefill")
         if self.prefill_profile is None:
             self.prefill_profile = 0
@@ -297,7 +284,9 @@ class TrtDecoder:
         # and 0 * NaN garbage would be NaN.
         self.addresses: dict[str, int] = {}
         first = engine.max_input_shape(self.cache_names[0])
-        self.max_len, self.cache_shape = int(first[2]), first
+        super().__init__(embed_table, int(first[2]), self.embeds_spec.host_dtype.type,
+                         "--max-context at export, and build again")
+        self.cache_shape = first
         for name in self.cache_names:
             present = "present_" + name[len("past_"):]
             if present not in specs:
@@ -330,32 +319,16 @@ class TrtDecoder:
         self.use_graphs = cuda_graphs and self.decode is not None
         self.graph: CudaGraph | None = None
         self.decode_warm = False
-        self.pos = 0
 
     def _shape(self, ctx: Any, rows: int) -> None:
         shapes = {name: self.cache_shape for name in self.cache_names}
         self.engine.set_shapes(ctx, {**shapes, "inputs_embeds": (1, rows, self.width), "start": ()})
 
-    def reset(self) -> None:
-        """A new turn: positions restart at 0; stale rows past the position are masked, never read."""
-        self.pos = 0
-
-    def embed(self, ids: Sequence[int]) -> np.ndarray:
-        rows = self.embed_table[np.asarray(ids, dtype=np.int64)]
-        if rows.dtype == np.uint16:  # a bf16 bundle stores its tables as bit patterns
-            rows = bf16_bits_to_float32(rows)
-        return rows.astype(self.embed_dtype, copy=False)
-
-    def run(self, embeds: np.ndarray) -> dict[str, np.ndarray]:
-        """Feed embeddings (T, D) at the current position; returns the last row of each output."""
-        t = embeds.shape[0]
-        if self.pos + t > self.max_len:
-            raise ContextFull(f"the turn needs {self.pos + t} positions but the engine's cache holds {self.max_len}"
-                              " (export and build with a larger --max-context)")
+    def _run(self, embeds: np.ndarray, start: int) -> dict[str, np.ndarray]:
         # A prompt longer than the prefill profile runs as consecutive chunks: attention over the cache makes
         # a chunked prefill compute what one long prefill would.
-        for begin in range(0, t, self.max_rows):
-            self._launch(embeds[begin:begin + self.max_rows])
+        for begin in range(0, embeds.shape[0], self.max_rows):
+            self._launch(embeds[begin:begin + self.max_rows], start + begin)
         self.backend.stream.sync()
         return {name: self.results_spec(name).to_host(host.array.reshape(-1, host.array.shape[-1])[-1])
                 for name, host in self.host_results.items()}
@@ -363,17 +336,16 @@ class TrtDecoder:
     def results_spec(self, name: str) -> TensorSpec:
         return self.engine.specs[name]
 
-    def _launch(self, rows: np.ndarray) -> None:
+    def _launch(self, rows: np.ndarray, start: int) -> None:
         n = rows.shape[0]
         self.backend.stream.sync()  # the pinned inputs may still be read by the previous launch
         self.host_embeds.array[:n] = self.embeds_spec.to_device(rows)
-        self.host_start.array[...] = self.pos
+        self.host_start.array[...] = start
         if n == 1 and self.decode is not None:
             self._decode_step()
         else:
             self._shape(self.prefill, n)
             self._enqueue(self.prefill, n)
-        self.pos += n
 
     def _enqueue(self, ctx: Any, n: int) -> None:
         cuda, stream = self.backend.cuda, self.backend.stream

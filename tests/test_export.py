@@ -16,7 +16,7 @@ import torch
 
 from opens2s_edge.export.checks import DEFAULT_TSV, GraphCheckError, check_graph, tensorrt_readiness
 from opens2s_edge.runtime.bundle import BundleError, load_bundle
-from opens2s_edge.runtime.onnx_backend import CachedDecoder, make_session
+from opens2s_edge.runtime.onnx_backend import OrtDecoder, make_session
 from opens2s_edge.training.checkpoint import load_checkpoint
 
 GRAPHS = ["audio_encoder", "llm", "tts_lm", "tts_projection", "speaker_projection", "flow", "estimator", "hift"]
@@ -65,7 +65,7 @@ def test_decoder_graphs_match_pytorch_at_several_lengths(which: str, golden_bund
     model = load_checkpoint(golden_opens2s if which == "golden" else tiny_default / "checkpoint")
     rng = np.random.default_rng(0)
     for name, lm in (("llm", model.llm_model), ("tts_lm", model.tts_lm_model)):
-        decoder = CachedDecoder(make_session(bundle.graph_path(name), ["CPUExecutionProvider"]),
+        decoder = OrtDecoder(make_session(bundle.graph_path(name), ["CPUExecutionProvider"]),
                                 bundle.array("llm_embed" if name == "llm" else "tts_embed"))
         lm.setup_cache(64)
         pos = 0
@@ -86,7 +86,7 @@ def test_32_step_greedy_decode_through_exported_graphs(which: str, golden_bundle
     bundle = load_bundle(golden_bundle if which == "golden" else tiny_bundle)
     model = load_checkpoint(golden_opens2s if which == "golden" else tiny_default / "checkpoint")
     for name, lm, table in (("llm", model.llm_model, "llm_embed"), ("tts_lm", model.tts_lm_model, "tts_embed")):
-        decoder = CachedDecoder(make_session(bundle.graph_path(name), ["CPUExecutionProvider"]), bundle.array(table))
+        decoder = OrtDecoder(make_session(bundle.graph_path(name), ["CPUExecutionProvider"]), bundle.array(table))
         lm.setup_cache(64)
         prompt = [3, 17, 42, 5, 99, 7]
         ours = [int(np.argmax(decoder.run(decoder.embed(prompt))["logits"]))]

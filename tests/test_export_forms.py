@@ -1,6 +1,6 @@
-"""Classic vs modern graph forms on the tiny preset: the same numbers, the same greedy tokens as PyTorch
-through onnxruntime with in-place cache binding, every graph passing the full ONNX check and the TensorRT
-readiness check, and the cache really updated in place (no copy) in both forms."""
+"""Classic vs modern vs gqa graph forms on the tiny preset: the same numbers, the same greedy tokens as PyTorch
+through onnxruntime with in-place cache binding, every graph passing the full ONNX check (and the TensorRT readiness
+check in the TensorRT forms), and the cache really updated in place (no copy) in every form."""
 
 from __future__ import annotations
 
@@ -12,14 +12,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from opens2s_edge.export.checks import check_graph, tensorrt_readiness
+from opens2s_edge.export.checks import check_graph, onnx_check, tensorrt_readiness
 from opens2s_edge.export.graphs import decoder_graph
 from opens2s_edge.export.pipeline import export_bundle, export_graph
-from opens2s_edge.runtime.onnx_backend import CachedDecoder
+from opens2s_edge.runtime.onnx_backend import OrtDecoder
 from opens2s_edge.training.checkpoint import load_checkpoint
 
 MAX_CONTEXT = 48
-FORMS = ("classic", "modern")
+FORMS = ("classic", "modern", "gqa")
+TENSORRT_FORMS = ("classic", "modern")
 
 
 @pytest.fixture(scope="module")
@@ -50,21 +51,26 @@ def _session(path: Path, log_severity: int = 3, profile_prefix: Path | None = No
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _decoder(path: Path, lm, log_severity: int = 3) -> CachedDecoder:
-    return CachedDecoder(_session(path, log_severity), lm.model.embed_tokens.weight.detach().numpy())
+def _decoder(path: Path, lm, log_severity: int = 3) -> OrtDecoder:
+    return OrtDecoder(_session(path, log_severity), lm.model.embed_tokens.weight.detach().numpy())
 
 
 def test_forms_give_the_same_results(decoders, tiny_model) -> None:
     rng = np.random.default_rng(0)
     lm = tiny_model.llm_model
-    a, b = _decoder(decoders["classic"], lm), _decoder(decoders["modern"], lm)
+    a = _decoder(decoders["classic"], lm)
+    others = [_decoder(decoders[form], lm) for form in FORMS[1:]]
     for t in (7, 1, 1, 13, 1):
         embeds = rng.standard_normal((t, lm.config.hidden_size)).astype(np.float32)
-        out_a, out_b = a.run(embeds), b.run(embeds)
-        for name in ("logits", "hidden"):
-            np.testing.assert_allclose(out_a[name], out_b[name], rtol=1e-5, atol=1e-5)
-    for name in a.cache_names:
-        np.testing.assert_allclose(a.cache[name][:, :, : a.pos], b.cache[name][:, :, : b.pos], rtol=1e-5, atol=1e-5)
+        out_a = a.run(embeds)
+        for b in others:
+            out_b = b.run(embeds)
+            for name in ("logits", "hidden"):
+                np.testing.assert_allclose(out_a[name], out_b[name], rtol=1e-5, atol=1e-5)
+    for b in others:
+        for name in a.cache_names:
+            np.testing.assert_allclose(a.cache[name][:, :, : a.pos], b.cache[name][:, :, : b.pos], rtol=1e-5,
+                                       atol=1e-5)
 
 
 def test_greedy_decode_matches_pytorch_in_both_forms(decoders, tiny_model) -> None:
@@ -120,7 +126,7 @@ def test_decode_step_copies_no_cache(decoders, tiny_model, form: str, tmp_path: 
     tensor as large as a layer's cache (a Slice, Concat or Identity of the cache would copy it every token)."""
     lm = tiny_model.llm_model
     session = _session(decoders[form], profile_prefix=tmp_path / "step")
-    decoder = CachedDecoder(session, lm.model.embed_tokens.weight.detach().numpy())
+    decoder = OrtDecoder(session, lm.model.embed_tokens.weight.detach().numpy())
     rng = np.random.default_rng(2)
     decoder.run(rng.standard_normal((5, lm.config.hidden_size)).astype(np.float32))
     decoder.run(rng.standard_normal((1, lm.config.hidden_size)).astype(np.float32))
@@ -129,7 +135,8 @@ def test_decode_step_copies_no_cache(decoders, tiny_model, form: str, tmp_path: 
     nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     assert nodes, "the profile recorded no node"
     large = {(e["args"]["op_name"], e["name"]) for e in nodes if int(e["args"].get("output_size", 0)) >= cache_bytes}
-    writes = {"ScatterElements", "TensorScatter"}
+    # The ops that write the cache in place (GroupQueryAttention's outputs include the shared buffer).
+    writes = {"ScatterElements", "TensorScatter", "GroupQueryAttention"}
     assert {op for op, _ in large} <= writes, sorted(name for op, name in large if op not in writes)
 
 
@@ -146,9 +153,13 @@ def test_every_graph_passes_the_checks(bundles, form: str) -> None:
     assert manifest["form"] == form
     for name, graph in manifest["graphs"].items():
         path = bundles[form] / graph["file"]
-        check_graph(path)  # onnx.checker full check + TensorRT readiness, raises with the node and reason
-        assert tensorrt_readiness(path) == [], name
         expected = form if name in ("llm", "tts_lm") else "classic"
+        if expected in TENSORRT_FORMS:
+            check_graph(path)  # onnx.checker full check + TensorRT readiness, raises with the node and reason
+            assert tensorrt_readiness(path) == [] and graph["tensorrt_ready"], name
+        else:
+            onnx_check(path)
+            assert not graph["tensorrt_ready"] and "com.microsoft" in graph["tensorrt_problems"][0], name
         assert graph["form"] == expected, name
         assert graph["opset"] == (24 if expected == "modern" else 17), name
         assert graph["max_deviation"] <= graph["tolerance"] == (1e-3 if name == "hift" else 1e-4), name
@@ -163,8 +174,9 @@ def test_bundles_of_both_forms_answer_alike(bundles) -> None:
     for form in FORMS:
         engine = VoiceEngine(load_bundle(bundles[form]))
         done[form] = list(engine.turn(wav, TurnOptions(greedy=True, max_text_tokens=6, max_speech_tokens=16)))[-1]
-    assert done["classic"].text_ids == done["modern"].text_ids
-    assert done["classic"].speech_ids == done["modern"].speech_ids
+    for form in FORMS[1:]:
+        assert done["classic"].text_ids == done[form].text_ids, form
+        assert done["classic"].speech_ids == done[form].speech_ids, form
 
 
 def test_readiness_enforces_the_modern_ops_restrictions(tmp_path: Path) -> None:

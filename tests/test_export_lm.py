@@ -15,7 +15,7 @@ from opens2s_edge.export import lm as lm_forms
 from opens2s_edge.export.checks import check_graph, tensorrt_readiness
 from opens2s_edge.export.graphs import decoder_graph
 from opens2s_edge.export.pipeline import export_graph
-from opens2s_edge.runtime.onnx_backend import CachedDecoder, make_session
+from opens2s_edge.runtime.onnx_backend import OrtDecoder, make_session
 from opens2s_edge.training.checkpoint import load_checkpoint
 
 MAX_CONTEXT = 64
@@ -38,9 +38,9 @@ def _export(lm, form: str, folder: Path, dtype: torch.dtype = torch.float32) -> 
     return path
 
 
-def _decoder(path: Path, lm) -> CachedDecoder:
+def _decoder(path: Path, lm) -> OrtDecoder:
     table = lm.model.embed_tokens.weight.detach().float().numpy()
-    return CachedDecoder(make_session(path, ["CPUExecutionProvider"]), table)
+    return OrtDecoder(make_session(path, ["CPUExecutionProvider"]), table)
 
 
 def _rel(ours: np.ndarray, ref: torch.Tensor) -> float:
@@ -162,7 +162,7 @@ def test_modern_bundle_records_its_forms(golden_root: Path, golden_opens2s: Path
         assert graph["max_deviation"] <= graph["tolerance"] == (1e-3 if name == "hift" else 1e-4), name
     lm = load_checkpoint(golden_opens2s).llm_model
     lm.setup_cache(MAX_CONTEXT)
-    decoder = CachedDecoder(make_session(bundle.graph_path("llm"), ["CPUExecutionProvider"]), bundle.array("llm_embed"))
+    decoder = OrtDecoder(make_session(bundle.graph_path("llm"), ["CPUExecutionProvider"]), bundle.array("llm_embed"))
     ids = [1, 5, 9, 2, 7]
     logits = decoder.run(decoder.embed(ids))["logits"]
     with torch.no_grad():

@@ -24,7 +24,7 @@ from opens2s_edge.runtime.bundle import load_bundle
 from opens2s_edge.runtime.engine import TurnDone, TurnOptions, VoiceEngine, make_backend
 from opens2s_edge.runtime.onnx_backend import (
     BackendError,
-    CachedDecoder,
+    OrtDecoder,
     cache_device,
     make_session,
     session_providers,
@@ -97,7 +97,7 @@ def test_cuda_ep_binds_caches_on_the_device_only_for_a_gpu_provider() -> None:
 
 def test_cpu_decoder_keeps_its_cache_in_host_arrays(tiny_bundle: Path) -> None:
     bundle = load_bundle(tiny_bundle, verify=False)
-    decoder = CachedDecoder(make_session(bundle.graph_path("llm"), ["CPUExecutionProvider"]), bundle.array("llm_embed"))
+    decoder = OrtDecoder(make_session(bundle.graph_path("llm"), ["CPUExecutionProvider"]), bundle.array("llm_embed"))
     assert decoder.device == "cpu"
     name = decoder.cache_names[0]
     assert decoder.cache_values[name].device_name() == "cpu"

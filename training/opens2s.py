@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from opens2s_edge.runtime.interleave import parse_strategy
+
 from .audio_encoder import Adapter, AudioEncoder, AudioEncoderConfig
 from .qwen3 import Qwen3Config, Qwen3LM
 
@@ -48,8 +50,13 @@ class OpenS2SConfig:
             tts=tts,
             adapter_inner_dim=int(d.get("adapter_inner_dim", 512)),
             conv_kernel_sizes=[int(k) for k in str(d.get("conv_kernel_sizes", "5,5,5")).split(",")],
-            interleave_strategy=str(d.get("interleave_strategy", "1:2")),
+            interleave_strategy=_strategy(d.get("interleave_strategy", "1:2")),
         )
+
+
+def _strategy(value: object) -> str:
+    parse_strategy(str(value))  # refused here, at load, rather than mid-turn
+    return str(value)
 
 
 class OpenS2S(nn.Module):

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from opens2s_edge.runtime.interleave import parse_strategy
+
 from .data import IGNORE_INDEX, Batch
 from .opens2s import OpenS2S
 
@@ -179,16 +181,6 @@ def interleave_layout(n_text: int, n_speech: int, text_span: int, speech_span: i
         order.extend(range(1 + n_text + j, 1 + n_text + j + take))
         j += take
     return order
-
-
-def parse_strategy(strategy: str) -> tuple[int, int]:
-    try:
-        m, n = (int(x) for x in strategy.split(":"))
-    except ValueError as exc:
-        raise StageError(f"interleave_strategy must look like 'M:N', got {strategy!r}") from exc
-    if m < 1 or n < 1:
-        raise StageError(f"interleave_strategy needs M, N >= 1, got {strategy!r}")
-    return m, n
 
 
 def _pad_stack(rows: list[Tensor], value: float = 0.0) -> Tensor:
