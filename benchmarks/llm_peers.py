@@ -225,7 +225,10 @@ def build_genai(python: Path, hf_dir: Path, out: Path, precision: str, log: Path
         cmd = [str(python), "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(tmp),
                "-p", precision, "-e", "cpu", "-c", str(tmp / "_build_cache")]
         with open(log, "w") as f:
-            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
+            # Run from the output folder, not the caller's: `python -m` puts the working directory first on sys.path,
+            # and from a source checkout this project's top-level `kernels/` would shadow the `kernels` package
+            # transformers imports (it did: ImportError CUDAProperties).
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False, cwd=tmp)
         if proc.returncode != 0:
             tail = log.read_text()[-1500:]
             raise PeerSkipped(f"onnxruntime-genai's builder failed on this model ({precision}): {tail}")

@@ -59,17 +59,17 @@ class GraphSpec:
     min_tolerance: float = 0.0
 
 
-class GraphKVCache:
-    """One layer's cache inside an exported graph: the past arrives as an input, the updated cache
-    leaves as an output. The write is a ScatterElements on the sequence axis (TensorRT 10.3 parses it)."""
+class GraphCache:
+    """One layer's cache inside an exported graph: the past arrives as an input, the updated cache leaves as an
+    output, its rows written by the op set's `write_cache` (the form's cache write; a form with a fused attention
+    replaces both tensors itself)."""
 
-    def __init__(self, k: Tensor, v: Tensor):
-        self.k, self.v = k, v
+    def __init__(self, k: Tensor, v: Tensor, write: Callable[[Tensor, Tensor, Tensor], Tensor]):
+        self.k, self.v, self.write = k, v, write
 
     def update(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        index = pos.view(1, 1, -1, 1).expand_as(k)
-        self.k = torch.scatter(self.k, 2, index, k)
-        self.v = torch.scatter(self.v, 2, index, v)
+        self.k = self.write(self.k, k, pos)
+        self.v = self.write(self.v, v, pos)
         return self.k, self.v
 
 
@@ -77,23 +77,24 @@ class DecoderStep(nn.Module):
     """(inputs_embeds, start, past_key_0, past_value_0, ...) -> (logits, hidden, present_key_0, ...).
 
     Logits and hidden are for the last input row only: prefill needs nothing else, and it keeps a
-    151k-vocabulary head off the prompt rows.
+    151k-vocabulary head off the prompt rows. The primitives are the LM's current op set (`Qwen3LM.set_ops`):
+    the default PyTorch set for the fp32 reference, the form's set while it is traced.
     """
 
-    def __init__(self, lm: Qwen3LM, cache_type: type = GraphKVCache):
+    def __init__(self, lm: Qwen3LM):
         super().__init__()
         self.lm = lm
-        self.cache_type = cache_type
 
     def forward(self, inputs_embeds: Tensor, start: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
-        caches = [self.cache_type(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        write = self.lm.ops.write_cache
+        caches = [GraphCache(past[2 * i], past[2 * i + 1], write) for i in range(len(past) // 2)]
         logits, hidden = self.lm(inputs_embeds, start, caches=caches, last_only=True)
         presents = [t for c in caches for t in (c.k, c.v)]
         return (logits, hidden, *presents)
 
 
 def decoder_graph(name: str, lm: Qwen3LM, max_context: int, dtype: torch.dtype, form: str = "classic") -> GraphSpec:
-    """A decoder step graph in `form` ("classic" or "modern", see export/lm.py)."""
+    """A decoder step graph in `form` (export/lm.py: classic, modern or gqa)."""
     from . import lm as lowerings
 
     lowerings.check_form(form)
@@ -120,10 +121,10 @@ def decoder_graph(name: str, lm: Qwen3LM, max_context: int, dtype: torch.dtype, 
         outputs += [f"present_key_{i}", f"present_value_{i}"]
         aliases[f"past_key_{i}"] = f"present_key_{i}"
         aliases[f"past_value_{i}"] = f"present_value_{i}"
+    ops = lowerings.form_ops(form, c)
     return GraphSpec(
-        name=name, inputs=inputs, outputs=outputs, form=form,
-        module=DecoderStep(lm, lowerings.TensorScatterKVCache if form == "modern" else GraphKVCache),
-        lowering=lambda: lowerings.lowering(form, c.head_dim), output_shapes=shapes,
+        name=name, inputs=inputs, outputs=outputs, form=form, module=DecoderStep(lm),
+        lowering=lambda: lowerings.traced_with(lm, ops), output_shapes=shapes,
         dynamic={"inputs_embeds": {1: "tokens"}},
         probes=[example(1, 0), example(1, max_context - 1), example(min(17, max_context), 0)],
         limits={"max_context": max_context}, aliases=aliases, keep_fp32=(nn.LayerNorm,),
@@ -284,54 +285,31 @@ def _softmax_fp32(g, x, dim, dtype=None):
     return g.op("Cast", y, to_i=original)
 
 
-def _sdpa_options(g, query, attn_mask, is_causal, scale, enable_gqa) -> float | None:
-    if is_causal or enable_gqa:
-        raise ValueError("export supports scaled_dot_product_attention with an explicit mask only")
-    if symbolic_helper._is_none(scale):
-        return None
-    return float(symbolic_helper._maybe_get_const(scale, "f"))
-
-
 @symbolic_helper.parse_args("v", "v", "v", "v", "f", "b", "v", "b")
 def _sdpa_classic_fp32_softmax(g, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                enable_gqa=False):
-    """MatMul + Softmax attention (the classic form) with the scores in fp32 from the mask on."""
-    scale_value = _sdpa_options(g, query, attn_mask, is_causal, scale, enable_gqa)
-    original = _scalar_type(query)
-    rank = symbolic_helper._get_tensor_rank(key)
-    perm = list(range(rank))
-    perm[-1], perm[-2] = perm[-2], perm[-1]
-    scores = g.op("Cast", g.op("MatMul", query, g.op("Transpose", key, perm_i=perm)), to_i=TensorProto.FLOAT)
-    if scale_value is not None:
-        factor = g.op("Constant", value_t=torch.tensor(scale_value, dtype=torch.float32))
-    else:
-        # 1/sqrt(head_dim) read off the query's shape: the tracer loses static sizes through reshapes.
-        head_dim = g.op("Gather", g.op("Shape", query), g.op("Constant", value_t=torch.tensor(-1)), axis_i=0)
-        factor = g.op("Reciprocal", g.op("Sqrt", g.op("Cast", head_dim, to_i=TensorProto.FLOAT)))
-    scores = g.op("Mul", scores, factor)
-    if not symbolic_helper._is_none(attn_mask):
-        if attn_mask.type().scalarType() == "Bool":
-            scores = g.op("Where", attn_mask, scores, g.op("Constant", value_t=torch.tensor(-float("inf"))))
-        else:
-            scores = g.op("Add", scores, g.op("Cast", attn_mask, to_i=TensorProto.FLOAT))
-    weights = g.op("Cast", g.op("Softmax", scores, axis_i=-1), to_i=original)
-    return g.op("MatMul", weights, value)
+    """scaled_dot_product_attention as the classic lowering (export/lm.py: MatMul + Softmax, scores in fp32)."""
+    from .lm import classic_attention_nodes
+
+    if is_causal or enable_gqa:
+        raise ValueError("export supports scaled_dot_product_attention with an explicit mask only")
+    scale_value = None if symbolic_helper._is_none(scale) else float(symbolic_helper._maybe_get_const(scale, "f"))
+    return classic_attention_nodes(g, query, key, value, None if symbolic_helper._is_none(attn_mask) else attn_mask,
+                                   scale_value)
 
 
 @contextlib.contextmanager
 def precision_ops(spec: GraphSpec, dtype: torch.dtype) -> Iterator[None]:
     """Symbolic overrides in force while a graph without its own lowering is exported at fp16/bf16: softmax
-    and SDPA scores in fp32 (the decoder lowerings in export/lm.py already do so for their attention)."""
-    if dtype == torch.float32:
+    and SDPA scores in fp32 (the decoder forms' attention primitives in export/lm.py emit their own ops)."""
+    if dtype == torch.float32 or spec.lowering is not None:
         yield
         return
-    registered = ["aten::softmax"]
+    registered = ["aten::softmax", "aten::scaled_dot_product_attention"]
     torch.onnx.register_custom_op_symbolic("aten::softmax", symbolic_helper.parse_args("v", "i", "none")(_softmax_fp32),
                                            CLASSIC_OPSET)
-    if spec.lowering is None:
-        torch.onnx.register_custom_op_symbolic("aten::scaled_dot_product_attention", _sdpa_classic_fp32_softmax,
-                                               CLASSIC_OPSET)
-        registered.append("aten::scaled_dot_product_attention")
+    torch.onnx.register_custom_op_symbolic("aten::scaled_dot_product_attention", _sdpa_classic_fp32_softmax,
+                                           CLASSIC_OPSET)
     try:
         yield
     finally:

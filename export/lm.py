@@ -1,16 +1,19 @@
-"""The decoder graphs' two forms: the same Qwen3 module tree, with its primitives lowered to ONNX differently.
+"""The decoder graphs' op forms: one `Qwen3Ops` set per form, installed on the one Qwen3 definition while it is traced.
 
-- "classic" (opset 17): the cache write is a ScatterElements on the sequence axis, attention is
-  MatMul + Softmax (softmax in fp32 whatever the graph's dtype), RMSNorm and RoPE stay elementwise. TensorRT
-  10.3 (JetPack 6) parses every op.
-- "modern" (opset 24): the cache write is `TensorScatter` (axis -2), attention is the `Attention` op,
-  RMSNorm is `RMSNormalization` (statistics in fp32: stash_type 1), RoPE is `RotaryEmbedding`. TensorRT 10.15
-  and onnxruntime >= 1.23 run them; onnxruntime writes the cache in place when the past and present buffers
-  are the same.
+Each primitive is a `torch.autograd.Function`: run eagerly it computes exactly what the default PyTorch primitive
+computes; traced, its `symbolic` emits the form's ONNX ops. A form differs from another only in these primitives,
+and each form has one attention lowering.
 
-Nothing here defines a model: `lowering(form)` swaps how four primitives of training/qwen3.py are *traced*
-(each swap computes exactly what it replaces when run eagerly), and `finish_modern` moves the emitted nodes
-into the standard domain once the TorchScript exporter (which stops at opset 20) has written the file.
+- classic (opset 17): cache write ScatterElements (axis 2); attention MatMul + Softmax over the whole cache under
+  the mask (scores and softmax in fp32); RMSNorm and rotary elementwise. TensorRT 10.3+ and onnxruntime.
+- modern (opset 24): TensorScatter (axis -2); Attention (4-D bool mask); RMSNormalization (statistics in fp32);
+  RotaryEmbedding. TensorRT 10.15+ and onnxruntime >= 1.23.
+- gqa (opset 17 + com.microsoft): `com.microsoft.GroupQueryAttention` does the cache write into the shared
+  past/present buffer, the rotary and the attention over the `seqlens_k + 1` filled rows only; RMSNorm elementwise
+  (onnxruntime fuses it into SimplifiedLayerNormalization). onnxruntime (CPU, CUDA) only.
+
+The fixed-shape forms attend over all MAX cache rows (one TensorRT profile, CUDA-graph friendly); the gqa form's step
+cost follows the filled length, which is what onnxruntime on a CPU or a GPU without TensorRT wants.
 """
 
 from __future__ import annotations
@@ -25,17 +28,20 @@ from torch import Tensor
 
 from opens2s_edge.training import qwen3
 
-FORMS = ("classic", "modern")
-OPSETS = {"classic": 17, "modern": 24}
+FORMS = ("classic", "modern", "gqa")
+# The forms TensorRT parses (checked against its support list at export); gqa is onnxruntime's.
+TENSORRT_FORMS = ("classic", "modern")
+OPSETS = {"classic": 17, "modern": 24, "gqa": 17}
 # Where the TorchScript exporter writes the modern ops before `finish_modern` moves them to the ONNX domain.
 _STAGING = "opens2s_std"
 _TRACE_OPSET = 20
+MICROSOFT = "com.microsoft"
 
 
 def export_opset(form: str) -> int:
     """The opset the TorchScript exporter traces at for `form` (modern graphs are raised to 24 after)."""
     check_form(form)
-    return OPSETS["classic"] if form == "classic" else _TRACE_OPSET
+    return _TRACE_OPSET if form == "modern" else OPSETS[form]
 
 
 def check_form(form: str) -> None:
@@ -43,40 +49,172 @@ def check_form(form: str) -> None:
         raise ValueError(f"graph form must be one of {', '.join(FORMS)}, got {form!r}")
 
 
+def custom_opsets(form: str) -> dict[str, int]:
+    return {"modern": {_STAGING: 1}, "gqa": {MICROSOFT: 1}}.get(form, {})
+
+
+_ONNX_TYPE = {"Float": onnx.TensorProto.FLOAT, "Half": onnx.TensorProto.FLOAT16, "BFloat16": onnx.TensorProto.BFLOAT16}
+
+
+def _const(g, value, dtype: torch.dtype = torch.int64):
+    return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+
+# -- attention ------------------------------------------------------------------------------------------------------
+def classic_attention_nodes(g, query, key, value, mask, scale: float | None):
+    """MatMul + Softmax attention with the scores in fp32 from the first MatMul on: the classic lowering, shared by
+    the classic decoder form and every other graph's scaled_dot_product_attention (graphs.precision_ops). A bool
+    mask selects the lowest finite fp32 (not -inf: a row with no visible key then averages instead of giving NaN),
+    a float mask is added. `scale` None: 1/sqrt(head_dim) read off the query's shape."""
+    from torch.onnx import symbolic_helper as sh
+
+    original = query.type().scalarType()
+    rank = sh._get_tensor_rank(key)
+    perm = list(range(rank))
+    perm[-1], perm[-2] = perm[-2], perm[-1]
+    scores = g.op("Cast", g.op("MatMul", query, g.op("Transpose", key, perm_i=perm)), to_i=onnx.TensorProto.FLOAT)
+    if scale is not None:
+        factor = _const(g, scale, torch.float32)
+    else:
+        # The tracer loses static sizes through reshapes: 1/sqrt(head_dim) from the query's runtime shape.
+        head_dim = g.op("Gather", g.op("Shape", query), _const(g, -1), axis_i=0)
+        factor = g.op("Reciprocal", g.op("Sqrt", g.op("Cast", head_dim, to_i=onnx.TensorProto.FLOAT)))
+    scores = g.op("Mul", scores, factor)
+    if mask is not None and not sh._is_none(mask):
+        if mask.type().scalarType() == "Bool":
+            scores = g.op("Where", mask, scores, _const(g, torch.finfo(torch.float32).min, torch.float32))
+        else:
+            scores = g.op("Add", scores, g.op("Cast", mask, to_i=onnx.TensorProto.FLOAT))
+    probs = g.op("Softmax", scores, axis_i=-1)
+    if original != "Float":
+        probs = g.op("Cast", probs, to_i=_ONNX_TYPE[original])
+    return g.op("MatMul", probs, value)
+
+
+class _ClassicSDPA(torch.autograd.Function):
+    """Attention of q (B, KV, R, D) over k, v (B, KV, L, D) under a bool mask (R, L)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:  # noqa: ARG004
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+    @staticmethod
+    def symbolic(g, q, k, v, mask, scale):
+        return classic_attention_nodes(g, q, k, v, mask, scale)
+
+
+class _ModernSDPA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:  # noqa: ARG004
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+    @staticmethod
+    def symbolic(g, q, k, v, mask, scale):
+        # TensorRT's Attention takes 4-D masks only.
+        mask = g.op("Unsqueeze", mask, _const(g, [0, 1]))
+        attrs = {"scale_f": scale}
+        if q.type().scalarType() in ("Half", "BFloat16"):
+            attrs["softmax_precision_i"] = onnx.TensorProto.FLOAT
+        out = g.op(f"{_STAGING}::Attention", q, k, v, mask, **attrs)
+        out.setType(q.type())
+        return out
+
+
+def _grouped(sdpa: type[torch.autograd.Function], scale: float):
+    """The `attention` primitive on an SDPA core: the query heads that share a KV head are stacked along the rows (as
+    qwen3.gqa_attention does), so no copy of the cache is made and the core sees equal head counts."""
+
+    def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, pos: Tensor) -> Tensor:  # noqa: ARG001
+        b, h, t, d = q.shape
+        kv = k.shape[1]
+        group = h // kv
+        y = sdpa.apply(q.reshape(b, kv, group * t, d), k, v, mask.repeat(group, 1) if group > 1 else mask, scale)
+        return y.reshape(b, h, t, d)
+
+    return attention
+
+
+class _GroupQueryAttention(torch.autograd.Function):
+    """onnxruntime's com.microsoft.GroupQueryAttention: rotary on q and k, the new rows written into the shared
+    past/present buffer, causal attention over the filled rows only. Eagerly: the same numbers from the default
+    primitives (rotary rows at `pos`, scatter, masked attention over the whole buffer)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, pos: Tensor,  # noqa: ARG004
+                cos_table: Tensor, sin_table: Tensor, heads: int, kv_heads: int, head_dim: int,  # noqa: ARG004
+                scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        cos, sin = cos_table[pos].to(q.dtype), sin_table[pos].to(q.dtype)
+        qt = qwen3.apply_rope(q.transpose(1, 2), cos, sin)
+        kt = qwen3.apply_rope(k.transpose(1, 2), cos, sin)
+        present_k = qwen3.scatter_rows(past_k, kt, pos)
+        present_v = qwen3.scatter_rows(past_v, v.transpose(1, 2), pos)
+        mask = pos[:, None] >= torch.arange(past_k.shape[2], device=pos.device)[None, :]
+        b, h, t, d = qt.shape
+        kv = past_k.shape[1]
+        group = h // kv
+        y = torch.nn.functional.scaled_dot_product_attention(
+            qt.reshape(b, kv, group * t, d), present_k, present_v, attn_mask=mask.repeat(group, 1), scale=scale)
+        return y.reshape(b, h, t, d).transpose(1, 2), present_k, present_v
+
+    @staticmethod
+    def symbolic(g, q, k, v, past_k, past_v, pos, cos_table, sin_table, heads, kv_heads, head_dim, scale):
+        flat = _const(g, [0, 0, -1])
+        # The whole cache holds pos[-1] + 1 rows after this step: seqlens_k is that minus one, per batch row.
+        last = g.op("Slice", pos, _const(g, [-1]), _const(g, [2**62]), _const(g, [0]))
+        seqlens_k = g.op("Cast", last, to_i=onnx.TensorProto.INT32)
+        total = g.op("Cast", g.op("Squeeze", g.op("Add", last, _const(g, [1])), _const(g, [0])),
+                     to_i=onnx.TensorProto.INT32)
+        # The op's rotary takes (max positions, head_dim / 2) tables in the activations' dtype (ours repeat the
+        # half twice along head_dim).
+        halves = []
+        for table in (cos_table, sin_table):
+            half = g.op("Slice", table, _const(g, [0]), _const(g, [head_dim // 2]), _const(g, [1]))
+            if q.type().scalarType() != "Float":
+                half = g.op("Cast", half, to_i=_ONNX_TYPE[q.type().scalarType()])
+            halves.append(half)
+        y, present_k, present_v = g.op(
+            f"{MICROSOFT}::GroupQueryAttention", g.op("Reshape", q, flat), g.op("Reshape", k, flat),
+            g.op("Reshape", v, flat), past_k, past_v, seqlens_k, total, *halves,
+            num_heads_i=heads, kv_num_heads_i=kv_heads, scale_f=scale, do_rotary_i=1, rotary_interleaved_i=0,
+            outputs=3)
+        present_k.setType(past_k.type())
+        present_v.setType(past_v.type())
+        y = g.op("Reshape", y, _const(g, [0, 0, heads, head_dim]))
+        y.setType(q.type())
+        return y, present_k, present_v
+
+
+def _gqa_fused(c: qwen3.Qwen3Config) -> qwen3.FusedAttention:
+    # Head counts from the config: the tracer cannot read static sizes off values that went through dynamic views.
+    shape = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.head_dim ** -0.5)
+
+    def fused(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor,
+              p: qwen3.Positions) -> tuple[Tensor, Tensor, Tensor]:
+        return _GroupQueryAttention.apply(q, k, v, past_k, past_v, p.pos, p.cos_table, p.sin_table, *shape)
+
+    return fused
+
+
+# -- cache write, RMSNorm, rotary (modern) --------------------------------------------------------------------------
 class _TensorScatter(torch.autograd.Function):
     """Rows start..start+T-1 of the cache replaced by `update` (positions are contiguous by contract)."""
 
     @staticmethod
     def forward(ctx, past: Tensor, update: Tensor, pos: Tensor) -> Tensor:  # noqa: ARG004
-        return past.index_copy(2, pos, update)
+        return qwen3.scatter_rows(past, update, pos)
 
     @staticmethod
     def symbolic(g, past, update, pos):
-        start = g.op("Slice", pos, g.op("Constant", value_t=torch.tensor([0])),
-                     g.op("Constant", value_t=torch.tensor([1])))
+        start = g.op("Slice", pos, _const(g, [0]), _const(g, [1]))
         out = g.op(f"{_STAGING}::TensorScatter", past, update, start, axis_i=-2)
         out.setType(past.type())  # keeps the static cache shape visible to the attention lowering
         return out
 
 
-class TensorScatterKVCache:
-    """One layer's cache in a modern graph: past in, present (same shape) out, written by TensorScatter."""
-
-    def __init__(self, k: Tensor, v: Tensor):
-        self.k, self.v = k, v
-
-    def update(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k = _TensorScatter.apply(self.k, k, pos)
-        self.v = _TensorScatter.apply(self.v, v, pos)
-        return self.k, self.v
-
-
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:  # noqa: ARG004
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-        return weight * h.to(x.dtype)
+        return qwen3.rms_norm(x, weight, eps)
 
     @staticmethod
     def symbolic(g, x, weight, eps):
@@ -91,16 +229,14 @@ class _Rope(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # noqa: ARG004
-        return _original_rope(x, cos, sin)
+        return qwen3.apply_rope(x, cos, sin)
 
     @staticmethod
     def symbolic(g, x, cos, sin):
         # RotaryEmbedding without position_ids takes caches already gathered per row: (B, T, head_dim / 2).
         def half(table):
-            sliced = g.op("Slice", table, g.op("Constant", value_t=torch.tensor([0])),
-                          g.op("Constant", value_t=torch.tensor([_half_dim(table)])),
-                          g.op("Constant", value_t=torch.tensor([-1])))
-            return g.op("Unsqueeze", sliced, g.op("Constant", value_t=torch.tensor([0])))
+            sliced = g.op("Slice", table, _const(g, [0]), _const(g, [_half_dim(table)]), _const(g, [-1]))
+            return g.op("Unsqueeze", sliced, _const(g, [0]))
 
         out = g.op(f"{_STAGING}::RotaryEmbedding", x, half(cos), half(sin), interleaved_i=0)
         out.setType(x.type())
@@ -114,71 +250,30 @@ def _half_dim(table) -> int:
     return sizes[-1] // 2
 
 
-_original_rope = qwen3.apply_rope
-
-
-def _sdpa_symbolic(form: str, head_dim: int):
-    """aten::scaled_dot_product_attention as exported by our graphs. qwen3 stacks the query heads that share
-    a KV head along the rows, so Q, K and V have the same head count and no KV copy is needed."""
-    from torch.onnx import symbolic_helper as sh
-
-    def lower(g, query, key, value, attn_mask=None, dropout_p=None, is_causal=None, scale=None, enable_gqa=None):
-        if not sh._is_none(is_causal) and sh._maybe_get_const(is_causal, "b"):
-            raise ValueError("causal SDPA is not used by the decoder graphs (they pass an explicit mask)")
-        if sh._is_none(attn_mask):
-            raise ValueError("the decoder graphs always pass an attention mask")
-        dtype = query.type().scalarType()
-        scale_value = None if sh._is_none(scale) else sh._maybe_get_const(scale, "f")
-        scale_value = scale_value if isinstance(scale_value, float) else head_dim ** -0.5
-        mask = attn_mask
-        rank = sh._get_tensor_rank(mask)
-        if rank < 4:  # TensorRT's Attention takes 4-D masks only
-            mask = g.op("Unsqueeze", mask, g.op("Constant", value_t=torch.tensor(list(range(4 - rank)))))
-        if form == "modern":
-            attrs = {"scale_f": scale_value}
-            if dtype in ("Half", "BFloat16"):
-                attrs["softmax_precision_i"] = onnx.TensorProto.FLOAT
-            out = g.op(f"{_STAGING}::Attention", query, key, value, mask, **attrs)
-            out.setType(query.type())
-            return out
-        key_t = g.op("Transpose", key, perm_i=[0, 1, 3, 2])
-        scores = g.op("MatMul", query, key_t)
-        scores = g.op("Cast", scores, to_i=onnx.TensorProto.FLOAT)
-        scores = g.op("Mul", scores, g.op("Constant", value_t=torch.tensor(scale_value, dtype=torch.float32)))
-        lowest = g.op("Constant", value_t=torch.tensor(torch.finfo(torch.float32).min, dtype=torch.float32))
-        scores = g.op("Where", mask, scores, lowest)
-        probs = g.op("Softmax", scores, axis_i=-1)
-        if dtype != "Float":
-            probs = g.op("Cast", probs, to_i=_ONNX_TYPE[dtype])
-        return g.op("MatMul", probs, value)
-
-    return lower
-
-
-_ONNX_TYPE = {"Half": onnx.TensorProto.FLOAT16, "BFloat16": onnx.TensorProto.BFLOAT16}
+# -- the op sets ----------------------------------------------------------------------------------------------------
+def form_ops(form: str, config: qwen3.Qwen3Config) -> qwen3.Qwen3Ops:
+    """The primitive set that traces `config`'s decoder in `form` (the config fixes head counts and the attention
+    scale, which the tracer cannot read off shapes that went through dynamic slices)."""
+    check_form(form)
+    scale = config.head_dim ** -0.5
+    if form == "classic":
+        return qwen3.Qwen3Ops(attention=_grouped(_ClassicSDPA, scale), name="onnx-classic")
+    if form == "modern":
+        return qwen3.Qwen3Ops(rms_norm=_RMSNorm.apply, rope=_Rope.apply, attention=_grouped(_ModernSDPA, scale),
+                              write_cache=_TensorScatter.apply, name="onnx-modern")
+    return qwen3.Qwen3Ops(fused_attention=_gqa_fused(config), name="onnx-gqa", reads_filled_rows=True)
 
 
 @contextlib.contextmanager
-def lowering(form: str, head_dim: int) -> Iterator[None]:
-    """Trace the Qwen3 modules with `form`'s ONNX ops (`head_dim` sets the default attention scale, which the
-    tracer cannot read off shapes that went through dynamic slices). Only export calls should run inside it."""
-    check_form(form)
-    opset = export_opset(form)
-    torch.onnx.register_custom_op_symbolic("aten::scaled_dot_product_attention", _sdpa_symbolic(form, head_dim), opset)
-    saved_norm = qwen3.RMSNorm.forward
-    if form == "modern":
-        qwen3.RMSNorm.forward = lambda self, x: _RMSNorm.apply(x, self.weight, self.eps)
-        qwen3.apply_rope = _Rope.apply
+def traced_with(lm: qwen3.Qwen3LM, ops: qwen3.Qwen3Ops) -> Iterator[None]:
+    """`lm` runs with `ops` inside the block and with its own set again after it (the fp32 reference the export
+    checks against runs on the default PyTorch primitives, not on the form's)."""
+    saved = lm.ops
+    lm.set_ops(ops)
     try:
         yield
     finally:
-        qwen3.RMSNorm.forward = saved_norm
-        qwen3.apply_rope = _original_rope
-        torch.onnx.unregister_custom_op_symbolic("aten::scaled_dot_product_attention", opset)
-
-
-def custom_opsets(form: str) -> dict[str, int]:
-    return {_STAGING: 1} if form == "modern" else {}
+        lm.set_ops(saved)
 
 
 def finish_modern(path: Path) -> None:

@@ -209,8 +209,13 @@ class OnnxRuntimeBackend:
     def graph(self, name: str) -> OrtGraph:
         return OrtGraph(self.session(name))
 
-    def decoder(self, name: str, embed_table: np.ndarray) -> OrtDecoder:
+    def decoder(self, name: str, embed_table: np.ndarray) -> KVDecoder:
         """A new sequence (its own KV cache) on the decoder graph `name`."""
+        # A gqa-form graph (GroupQueryAttention, issue 15) has its own binding: runtime/ort_gqa.py.
+        if self.bundle.graph(name).get("form") == "gqa":
+            from .ort_gqa import GqaDecoder
+
+            return GqaDecoder(self.session(name), embed_table)
         return OrtDecoder(self.session(name), embed_table)
 
     def describe(self) -> dict[str, Any]:

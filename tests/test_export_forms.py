@@ -16,6 +16,7 @@ from opens2s_edge.export.checks import check_graph, onnx_check, tensorrt_readine
 from opens2s_edge.export.graphs import decoder_graph
 from opens2s_edge.export.pipeline import export_bundle, export_graph
 from opens2s_edge.runtime.onnx_backend import OrtDecoder
+from opens2s_edge.runtime.ort_gqa import GqaDecoder
 from opens2s_edge.training.checkpoint import load_checkpoint
 
 MAX_CONTEXT = 48
@@ -51,8 +52,13 @@ def _session(path: Path, log_severity: int = 3, profile_prefix: Path | None = No
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _decoder(path: Path, lm, log_severity: int = 3) -> OrtDecoder:
-    return OrtDecoder(_session(path, log_severity), lm.model.embed_tokens.weight.detach().numpy())
+def _binding(path: Path):
+    """The runtime's binding for the graph's form (what OnnxRuntimeBackend.decoder picks from the manifest)."""
+    return GqaDecoder if path.stem.endswith("_gqa") else OrtDecoder
+
+
+def _decoder(path: Path, lm, log_severity: int = 3) -> OrtDecoder | GqaDecoder:
+    return _binding(path)(_session(path, log_severity), lm.model.embed_tokens.weight.detach().numpy())
 
 
 def test_forms_give_the_same_results(decoders, tiny_model) -> None:
@@ -126,7 +132,7 @@ def test_decode_step_copies_no_cache(decoders, tiny_model, form: str, tmp_path: 
     tensor as large as a layer's cache (a Slice, Concat or Identity of the cache would copy it every token)."""
     lm = tiny_model.llm_model
     session = _session(decoders[form], profile_prefix=tmp_path / "step")
-    decoder = OrtDecoder(session, lm.model.embed_tokens.weight.detach().numpy())
+    decoder = _binding(decoders[form])(session, lm.model.embed_tokens.weight.detach().numpy())
     rng = np.random.default_rng(2)
     decoder.run(rng.standard_normal((5, lm.config.hidden_size)).astype(np.float32))
     decoder.run(rng.standard_normal((1, lm.config.hidden_size)).astype(np.float32))
@@ -203,3 +209,38 @@ def test_readiness_enforces_the_modern_ops_restrictions(tmp_path: Path) -> None:
     assert "present_key/present_value" in problems
     assert "axis 2 (TensorRT needs -2)" in problems
     assert "is 3-D (TensorRT needs 4-D)" in problems
+
+
+def test_gqa_binding_matches_the_plain_binding_across_turns(decoders, tiny_model) -> None:
+    """GqaDecoder's once-bound buffers (start, the decode row, the result rows) give what a per-step binding of the
+    same graph gives, over prefill -> decode -> a new turn's prefill -> decode, and a rollback."""
+    lm = tiny_model.llm_model
+    table = lm.model.embed_tokens.weight.detach().numpy()
+    lean = GqaDecoder(_session(decoders["gqa"]), table)
+    plain = OrtDecoder(_session(decoders["gqa"]), table)
+    rng = np.random.default_rng(5)
+    for step, t in enumerate((6, 1, 1, 0, 9, 1, 1, -1, 1)):
+        if t == 0:
+            lean.reset(), plain.reset()
+            continue
+        if t < 0:
+            lean.truncate(lean.pos - 2), plain.truncate(plain.pos - 2)
+            continue
+        x = rng.standard_normal((t, lm.config.hidden_size)).astype(np.float32)
+        a, b = lean.run(x), plain.run(x)
+        for name in ("logits", "hidden"):
+            np.testing.assert_array_equal(a[name], b[name], err_msg=f"step {step}")
+    assert lean.pos == plain.pos == 10
+
+
+def test_gqa_bundle_runs_on_the_gqa_binding(bundles) -> None:
+    """The manifest's form picks the binding: a gqa bundle's decoders are GqaDecoders, the others OrtDecoders."""
+    from opens2s_edge.runtime.bundle import load_bundle
+    from opens2s_edge.runtime.onnx_backend import OnnxRuntimeBackend
+
+    for form in FORMS:
+        bundle = load_bundle(bundles[form], verify=False)
+        backend = OnnxRuntimeBackend(bundle)
+        want = GqaDecoder if form == "gqa" else OrtDecoder
+        assert type(backend.decoder("llm", bundle.array("llm_embed"))) is want
+        assert type(backend.decoder("tts_lm", bundle.array("tts_embed"))) is want

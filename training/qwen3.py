@@ -85,24 +85,64 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
-def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # Looked up at call time: export/lm.py swaps the module-level apply_rope while it traces.
-    return apply_rope(x, cos, sin)
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def scatter_rows(cache: Tensor, new: Tensor, pos: Tensor) -> Tensor:
+    """`cache` (B, KV, L, D) with rows `pos` replaced by `new` (B, KV, T, D), out of place: how a cache that arrives
+    as a tensor (a graph's past) becomes the present. A scatter on the sequence axis (ONNX ScatterElements)."""
+    return torch.scatter(cache, 2, pos.view(1, 1, -1, 1).expand_as(new), new)
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Where the rows of one forward call sit, computed once per call for every layer."""
+
+    pos: Tensor  # (T,) absolute positions of the rows
+    mask: Tensor  # (T, L) bool: key position <= query position, over the L cache rows attention reads
+    cos: Tensor  # (T, head_dim) rotary rows at `pos`, in the activations' dtype
+    sin: Tensor
+    cos_table: Tensor  # (max positions, head_dim) float32: the whole tables, for a fused op that indexes them itself
+    sin_table: Tensor
+
+
+# (q (B, T, H, D), k and v (B, T, KV, D), past_k, past_v (B, KV, L, D), positions) -> (y (B, T, H, D), present_k,
+# present_v): rotary, cache write and attention as one primitive.
+FusedAttention = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Positions], tuple[Tensor, Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
 class Qwen3Ops:
     """The primitives a decoder layer is made of, chosen per model instance (`Qwen3LM.set_ops`). The default is the
-    plain PyTorch code above, which is also what the ONNX export traces; kernels/ provides a Triton set for the CUDA
-    decode step. `reads_filled_rows`: attention of a single position reads only the cache rows <= its position
-    (from `pos`), so a caller need not narrow the cache to a window first."""
+    plain PyTorch code above; kernels/ provides a Triton set for the CUDA decode step, and export/lm.py one set per
+    ONNX decoder form (each primitive computes the same numbers eagerly and emits its form's ONNX ops when traced).
+
+    - `write_cache(past, new, pos) -> present`: how a cache that arrives as a tensor (`GraphCache` in a traced
+      graph) takes its new rows. The PyTorch `KVCache` writes its own buffers in place and does not use it.
+    - `fused_attention`: when set, a layer with a cache hands the normalized q/k and v to it instead of running
+      rope, the cache write and attention itself (onnxruntime's GroupQueryAttention does all three in one op).
+    - `reads_filled_rows`: attention of a single position reads only the cache rows <= its position (from `pos`),
+      so a caller need not narrow the cache to a window first.
+    """
 
     rms_norm: Callable[[Tensor, Tensor, float], Tensor] = rms_norm
-    rope: Callable[[Tensor, Tensor, Tensor], Tensor] = _rope
+    rope: Callable[[Tensor, Tensor, Tensor], Tensor] = apply_rope
     attention: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor] = gqa_attention
     swiglu: Callable[[Tensor, Tensor], Tensor] = swiglu
     name: str = "torch"
     reads_filled_rows: bool = False
+    write_cache: Callable[[Tensor, Tensor, Tensor], Tensor] = scatter_rows
+    fused_attention: FusedAttention | None = None
 
 
 TORCH_OPS = Qwen3Ops()
@@ -120,19 +160,6 @@ class RMSNorm(nn.Module):
         return self.ops.rms_norm(x, self.weight, self.eps)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
 class Attention(nn.Module):
     ops: Qwen3Ops = TORCH_OPS
 
@@ -146,21 +173,24 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, pos: Tensor,
-                cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, p: Positions, cache: KVCache | None) -> Tensor:
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = self.ops.rope(q, cos, sin), self.ops.rope(k, cos, sin)
+        q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim))
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
+        if cache is not None and self.ops.fused_attention is not None:
+            y, cache.k, cache.v = self.ops.fused_attention(q, k, v, cache.k, cache.v, p)
+            return self.o_proj(y.reshape(b, t, self.n_heads * self.head_dim))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = self.ops.rope(q, p.cos, p.sin), self.ops.rope(k, p.cos, p.sin)
         if cache is not None:
-            k, v = cache.update(pos, k, v)
-            end = mask.shape[-1]
-            # Only the filled prefix is read: a view in PyTorch. The exported graphs read the whole cache
-            # under the mask, and there no Slice is emitted: onnxruntime's Slice copies even a full-length one.
+            k, v = cache.update(p.pos, k, v)
+            end = p.mask.shape[-1]
+            # Only the filled prefix is read: a view in PyTorch. The exported fixed-shape graphs read the whole
+            # cache under the mask, and there no Slice is emitted: onnxruntime's Slice copies even a full-length one.
             if end < k.shape[2]:
                 k, v = k[:, :, :end], v[:, :, :end]
-        y = self.ops.attention(q, k, v, mask, pos)
+        y = self.ops.attention(q, k, v, p.mask, p.pos)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -185,9 +215,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, pos: Tensor,
-                cache: KVCache | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, pos, cache)
+    def forward(self, x: Tensor, p: Positions, cache: KVCache | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), p, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -289,10 +318,11 @@ class Qwen3LM(nn.Module):
             pos = torch.arange(start, end, device=device)
             cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
         mask = pos[:, None] >= torch.arange(kv_len, device=device)[None, :]
-        cos, sin = cos.to(inputs_embeds.dtype), sin.to(inputs_embeds.dtype)
+        p = Positions(pos, mask, cos.to(inputs_embeds.dtype), sin.to(inputs_embeds.dtype), self.rope_cos,
+                      self.rope_sin)
         x = inputs_embeds
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, pos, None if caches is None else caches[i])
+            x = layer(x, p, None if caches is None else caches[i])
         if last_only:
             x = x[:, -1:]
         hidden = self.model.norm(x)
@@ -319,5 +349,6 @@ def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
 
 
-__all__ = ["Qwen3Config", "Qwen3LM", "Qwen3Ops", "TORCH_OPS", "KVCache", "ContextFull", "gqa_attention", "init_weights",
-           "param_count", "rms_norm", "swiglu"]
+__all__ = ["Qwen3Config", "Qwen3LM", "Qwen3Ops", "TORCH_OPS", "KVCache", "ContextFull", "FusedAttention", "Positions",
+           "apply_rope", "gqa_attention", "init_weights", "param_count", "rms_norm", "rope_tables", "scatter_rows",
+           "swiglu"]
