@@ -53,6 +53,10 @@ class KVDecoder(ABC):
         self.pos += t
         return out
 
+    def feed_token(self, token: int) -> dict[str, np.ndarray]:
+        """One generated token at the current position (a backend may embed it on the device instead)."""
+        return self.run(self.embed([token]))
+
     @abstractmethod
     def _run(self, embeds: np.ndarray, start: int) -> dict[str, np.ndarray]:
         """The backend's step: rows `embeds` at positions start.. into this sequence's cache."""

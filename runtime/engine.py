@@ -1,36 +1,38 @@
-"""One voice turn on a bundle: speech in, text and streamed speech out, as a stream of timed events.
+"""The loaded engine: one model's graphs on one backend, its tokenizer, vocabularies and frontend, shared by every
+conversation on it (compare onnxruntime-genai's `Model`, sherpa-onnx's recognizer).
 
 ```
-wav -> log-mel (numpy) -> audio graph -> prompt splice -> interleave(LLM graph, TTS graph)
-                                                              | speech tokens
-                                                              v
-                                              Token2WavStream(flow, estimator, HiFT graphs) -> PCM
+wav -> log-mel (numpy) -> audio graph ---------------------+
+history -> chat template -> prompt ids -> LLM cache (reused prefix, KV in place) -> interleave(LLM, TTS LM)
+                                                                    | speech tokens
+                                                                    v
+                                              Token2WavStream(flow, estimator, HiFT) -> PCM
 ```
-Sessions, caches and buffers are created once per `VoiceEngine`; a turn resets positions only.
-
-The turn logic exists once, over three small protocols that each backend implements (`Graph`, `Decoder`, and
-the token2wav backend of token2wav_stream, which `GraphToken2Wav` builds from three `Graph`s):
-onnxruntime (`onnx_backend.OnnxRuntimeBackend`: CPU, CUDA EP, TensorRT EP) and native TensorRT
-(`trt_backend.TensorRTBackend`, loaded only when asked for, so neither tensorrt nor cuda-python is imported
-otherwise).
+Backends implement three small protocols (`Graph`, `Backend.decoder` -> a `KVDecoder`, and the token2wav
+protocol): onnxruntime (CPU, CUDA EP, TensorRT EP), native TensorRT, and PyTorch (training/torch_backend.py:
+eager, or decode steps replayed as CUDA graphs). The turn itself is written once, in conversation.py.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from .audio import Frontend, audio_features
+from .audio import AudioInputError, Frontend, audio_features
 from .bundle import Bundle
-from .decoding import DecodeOptions, GenerationDefaults, interleave_config, make_samplers
-from .interleave import InterleaveResult, interleave
-from .onnx_backend import BackendError, ContextFull, OnnxRuntimeBackend, OrtGraph, make_session
-from .prompt import AUDIO_PLACEHOLDER_ID, PromptBuilder, SpeechVocab
-from .token2wav_stream import DecoderSpec, StreamConfig, Token2WavStream
+from .decoder import ContextFull, KVDecoder
+from .decoding import DecodeOptions, GenerationDefaults
+from .onnx_backend import BackendError, OnnxRuntimeBackend, OrtGraph, make_session
+from .prompt import DEFAULT_SYSTEM_PROMPT, PromptBuilder, SpeechVocab
+from .token2wav_stream import DecoderSpec, StreamConfig, Token2WavBackend
+
+__all__ = ["AudioChunk", "AudioTooLong", "Backend", "BackendError", "ContextFull", "Engine", "Graph",
+           "GraphToken2Wav", "HistoryTrimmed", "Latency", "SpeechToken", "StepTiming", "TextDelta", "TurnDone",
+           "TurnOptions", "VoiceEngine", "make_backend"]
 
 
 @dataclass
@@ -45,30 +47,15 @@ class Graph(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
 
 
-class Decoder(Protocol):
-    """A decoder graph with its KV cache held by the backend (see export/README.md, the decoder contract).
-    `run(embeds)` feeds (T, D) rows at `pos`, advances `pos` by T and returns the last row of each result
-    output ("logits", "hidden") as float32; it raises ContextFull instead of running past `max_len`."""
-
-    pos: int
-    max_len: int
-    embed_dtype: Any  # the host dtype `run` takes and `embed` returns
-
-    def reset(self) -> None: ...
-
-    def embed(self, ids: Sequence[int]) -> np.ndarray: ...
-
-    def run(self, embeds: np.ndarray) -> dict[str, np.ndarray]: ...
-
-
 class Backend(Protocol):
-    """Makes the graphs of one bundle runnable; VoiceEngine asks for each by its bundle name."""
+    """Makes one model's graphs runnable; the engine asks for each by its bundle name. `decoder` makes a new
+    sequence (its own KV cache) each call; graphs and sessions are shared."""
 
     name: str
 
     def graph(self, name: str) -> Graph: ...
 
-    def decoder(self, name: str, embed_table: np.ndarray) -> Decoder: ...
+    def decoder(self, name: str, embed_table: np.ndarray) -> KVDecoder: ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -88,6 +75,7 @@ def make_backend(name: str, bundle: Bundle, providers: Sequence[str] = ("cpu",),
     raise BackendError(f"unknown backend {name!r} (choose from: {', '.join(BACKENDS)})")
 
 
+# -- events ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TextDelta:
     t: float  # seconds since the turn started
@@ -108,6 +96,35 @@ class AudioChunk:
     sample_rate: int
 
 
+@dataclass(frozen=True)
+class HistoryTrimmed:
+    """The history no longer fit the context: the oldest `dropped` messages were left out (the system prompt
+    stays) and the prompt re-rendered."""
+
+    t: float
+    dropped: int
+    kept: int
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """One timed piece of a turn. `kind`: audio (encoder + adapter), llm_prefill, llm_step, tts_start,
+    tts_feed, tts_step, token2wav (one streaming chunk, or the final flush). `positions`: positions the
+    decoder ran (tokens for token2wav). `start_s`: seconds since the turn began. `seconds`: wall time, host to
+    host: every step ends with its logits on the host, so it includes the device's work."""
+
+    kind: str
+    positions: int
+    start_s: float
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "positions": self.positions, "start_s": self.start_s, "seconds": self.seconds}
+
+
+OnStep = Callable[[StepTiming], None]
+
+
 @dataclass
 class Latency:
     first_text_s: float | None = None
@@ -115,6 +132,7 @@ class Latency:
     total_s: float = 0.0
     audio_s: float = 0.0
     encode_s: float = 0.0
+    prefill_s: float = 0.0
 
     @property
     def rtf(self) -> float | None:
@@ -123,7 +141,18 @@ class Latency:
 
     def to_json(self) -> dict:
         return {"first_text_s": self.first_text_s, "first_audio_s": self.first_audio_s, "total_s": self.total_s,
-                "audio_s": self.audio_s, "encode_s": self.encode_s, "rtf": self.rtf}
+                "audio_s": self.audio_s, "encode_s": self.encode_s, "prefill_s": self.prefill_s, "rtf": self.rtf}
+
+
+@dataclass
+class Trace:
+    """What a turn computed on the way, for comparison with the reference: this turn's audio embeddings, the
+    projected TTS inputs, and the first logits of each decoder."""
+
+    audio_embeds: list[np.ndarray] = field(default_factory=list)
+    tts_inputs: list[np.ndarray] = field(default_factory=list)
+    llm_first_logits: np.ndarray | None = None
+    tts_first_logits: np.ndarray | None = None
 
 
 @dataclass
@@ -136,57 +165,33 @@ class TurnDone:
     audio: np.ndarray
     sample_rate: int
     latency: Latency
-    stopped: str  # "eos", "budget" or "context"
+    stopped: str  # "eos", "budget", "context" or "cancelled"
+    prompt_ids: list[int] = field(default_factory=list)  # AUDIO_PLACEHOLDER_ID where an audio's rows go
+    reused: int = 0  # LLM positions taken from the cache
+    prefilled: int = 0  # LLM positions computed for the prompt
+    timings: list[StepTiming] = field(default_factory=list)
+    trace: Trace = field(default_factory=Trace)
+    history_text: str = ""  # the assistant text the history keeps (shorter than `text` after a cancel)
 
     def to_json(self) -> dict:
         return {"text": self.text, "text_ids": self.text_ids, "speech_ids": self.speech_ids,
-                "speech_units": self.speech_units, "latency": self.latency.to_json()}
+                "speech_units": self.speech_units, "prompt_ids": self.prompt_ids, "reused": self.reused,
+                "prefilled": self.prefilled, "stopped": self.stopped, "latency": self.latency.to_json()}
 
 
-Event = TextDelta | SpeechToken | AudioChunk | TurnDone
+Event = TextDelta | SpeechToken | AudioChunk | HistoryTrimmed | TurnDone
 
 
-class _TextDecoder:
-    def __init__(self, decoder: Decoder, prompt_embeds: np.ndarray):
-        self.decoder, self.prompt_embeds = decoder, prompt_embeds
-
-    def prefill(self) -> tuple[np.ndarray, np.ndarray]:
-        self.decoder.reset()
-        out = self.decoder.run(self.prompt_embeds)
-        return out["logits"], out["hidden"]
-
-    def step(self, token: int) -> tuple[np.ndarray, np.ndarray]:
-        out = self.decoder.run(self.decoder.embed([token]))
-        return out["logits"], out["hidden"]
-
-
-class _SpeechDecoder:
-    def __init__(self, engine: VoiceEngine):
-        self.decoder = engine.tts
-        self.engine = engine
-
-    def start(self) -> None:
-        self.decoder.reset()
-        self.decoder.run(self.engine.speaker_start)
-
-    def feed_hidden(self, hidden: np.ndarray) -> np.ndarray:
-        projected = self.engine.project_hidden(hidden)
-        return self.decoder.run(projected)["logits"]
-
-    def step(self, token: int) -> np.ndarray:
-        return self.decoder.run(self.decoder.embed([token]))["logits"]
-
-
+# -- token2wav on graphs -----------------------------------------------------------------------------------
 class GraphToken2Wav:
-    """The streaming token2wav protocol on the bundle's flow, estimator and HiFT graphs, on any backend."""
+    """The streaming token2wav protocol on a backend's flow, estimator and HiFT graphs."""
 
     def __init__(self, spec: DecoderSpec, flow: Graph, estimator: Graph, hift: Graph):
         self.spec, self.flow, self.estimator, self.hift = spec, flow, estimator, hift
 
     @classmethod
     def from_backend(cls, bundle: Bundle, backend: Backend) -> GraphToken2Wav:
-        return cls(DecoderSpec(**bundle.manifest["token2wav"]["spec"]), backend.graph("flow"),
-                   backend.graph("estimator"), backend.graph("hift"))
+        return cls(bundle.spec.token2wav, backend.graph("flow"), backend.graph("estimator"), backend.graph("hift"))
 
     def encode(self, tokens: np.ndarray, embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         mu, spks = self.flow.run({"tokens": np.asarray(tokens, np.int64)[None],
@@ -209,50 +214,93 @@ class OrtToken2Wav(GraphToken2Wav):
     """GraphToken2Wav on onnxruntime sessions (what the benchmarks time on its own)."""
 
     def __init__(self, bundle: Bundle, providers: list[str], threads: int):
-        super().__init__(DecoderSpec(**bundle.manifest["token2wav"]["spec"]),
+        super().__init__(bundle.spec.token2wav,
                          *(OrtGraph(make_session(bundle.graph_path(name), providers, threads))
                            for name in ("flow", "estimator", "hift")))
 
 
-class AudioTooLong(ValueError):
-    """The utterance is empty or longer than the audio graph's profile."""
+class AudioTooLong(AudioInputError):
+    """The utterance is empty, not finite, or longer than the audio graph takes."""
 
 
-class VoiceEngine:
-    """A loaded bundle, ready to answer turns. Not thread-safe: one turn at a time."""
+# -- the engine ----------------------------------------------------------------------------------------------
+class Engine:
+    """A loaded model on one backend, shared by conversations. `conversation()` makes a new one; `turn(wav)`
+    answers one utterance without memory (a reused conversation, reset each call).
 
-    def __init__(self, bundle: Bundle, providers: tuple[str, ...] = ("cpu",), threads: int = 0, *,
-                 backend: str | Backend = "onnxruntime", engines: str | None = None, cuda_graphs: bool = True):
+    Not thread-safe: a turn at a time (conversations interleave turn by turn, or step by step by advancing
+    their turn iterators in turn).
+    """
+
+    def __init__(self, backend: Backend, prompt: PromptBuilder, vocab: SpeechVocab, frontend: Frontend,
+                 defaults: GenerationDefaults, interleave_strategy: str, token2wav: Token2WavBackend,
+                 llm_embed: np.ndarray, tts_embed: np.ndarray, speaker_dim: int, max_audio_seconds: float,
+                 system_prompt: str = DEFAULT_SYSTEM_PROMPT):
+        self.backend = backend
+        self.prompt, self.vocab, self.frontend, self.defaults = prompt, vocab, frontend, defaults
+        self.interleave_strategy = interleave_strategy
+        self.token2wav = token2wav
+        self.llm_embed, self.tts_embed = llm_embed, tts_embed
+        self.speaker_dim = speaker_dim
+        self.max_audio_seconds = max_audio_seconds
+        self.system_prompt = system_prompt
+        self.audio = backend.graph("audio_encoder")
+        self.tts_projection = backend.graph("tts_projection")
+        self.speaker_projection = backend.graph("speaker_projection")
+        self._default_speaker = self.project_speaker(np.zeros(speaker_dim, np.float32))
+        self._oneshot = None
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, providers: tuple[str, ...] = ("cpu",), threads: int = 0, *,
+                    backend: str | Backend = "onnxruntime", engines: str | None = None,
+                    cuda_graphs: bool = True) -> Engine:
         """`backend`: "onnxruntime" (on `providers`: cpu, cuda, tensorrt EPs), "tensorrt" (the bundle's engine
         set, picked for this GPU or by `engines` key; `cuda_graphs` replays each decode step as one CUDA graph),
         or a backend object."""
-        self.bundle = bundle
-        m = bundle.manifest
-        self.frontend = Frontend.from_json(m["audio"])
-        self.backend = make_backend(backend, bundle, providers, threads, engines, cuda_graphs) \
+        spec = bundle.spec  # the whole manifest checked here, before any session loads
+        made = make_backend(backend, bundle, providers, threads, engines, cuda_graphs) \
             if isinstance(backend, str) else backend
-        self.prompt = PromptBuilder.from_folder(bundle.root)
-        t = m["speech_tokens"]
-        self.vocab = SpeechVocab(offset=t["offset"], eos_ids=tuple(t["eos_ids"]), count=t["count"])
-        self.audio = self.backend.graph("audio_encoder")
-        self.llm = self.backend.decoder("llm", bundle.array("llm_embed"))
-        self.tts = self.backend.decoder("tts_lm", bundle.array("tts_embed"))
-        self.tts_projection = self.backend.graph("tts_projection")
-        self.speaker_projection = self.backend.graph("speaker_projection")
-        self.speaker_start = self.project_speaker(np.zeros(m["tts"]["speaker_dim"], np.float32))
-        self.token2wav = GraphToken2Wav.from_backend(bundle, self.backend)
-        g = m["generation"]
-        self.defaults = GenerationDefaults(tuple(g["text_eos_ids"]), g["max_text_tokens"], tuple(g["speech_eos_ids"]),
-                                           g["max_speech_tokens"])
+        limit = bundle.graph("audio_encoder")["limits"].get("max_windows", 1) * spec.audio.window_seconds
+        engine = cls(made, PromptBuilder.from_folder(bundle.root), spec.speech_tokens, spec.audio, spec.generation,
+                     spec.interleave_strategy, GraphToken2Wav.from_backend(bundle, made), bundle.array("llm_embed"),
+                     bundle.array("tts_embed"), spec.tts.speaker_dim, min(limit, spec.max_audio_seconds),
+                     spec.system_prompt)
+        engine.bundle = bundle
+        return engine
 
-    # -- small graphs --------------------------------------------------------------------------------
+    @property
+    def sample_rate(self) -> int:
+        """The reply audio's rate (0: an engine without a vocoder makes no audio)."""
+        return self.token2wav.spec.sample_rate if self.token2wav is not None else 0
+
+    # -- the small graphs ------------------------------------------------------------------------------
     def project_hidden(self, hidden: np.ndarray) -> np.ndarray:
         """LLM final-norm hidden states (k, D_llm) -> TTS LM inputs (k, D_tts)."""
         return self.tts_projection.run({"llm_hidden": hidden[None]})[0][0]
 
     def project_speaker(self, speaker: np.ndarray) -> np.ndarray:
         """A speaker vector -> the TTS LM's first input (1, D_tts); zeros give the learned start vector."""
-        return self.speaker_projection.run({"speaker": speaker.reshape(1, 1, -1)})[0][0]
+        return self.speaker_projection.run({"speaker": np.asarray(speaker, np.float32).reshape(1, 1, -1)})[0][0]
+
+    def speaker_input(self, speaker: np.ndarray | None) -> np.ndarray:
+        if speaker is None:
+            return self._default_speaker
+        speaker = np.asarray(speaker, np.float32).reshape(-1)
+        if speaker.shape != (self.speaker_dim,) or not np.isfinite(speaker).all():
+            raise ValueError(f"speaker vector: expected {self.speaker_dim} finite values, got {speaker.size}")
+        return self.project_speaker(speaker)
+
+    def check_audio(self, wav: np.ndarray) -> None:
+        """Refuse an utterance the audio graph was not made for, before any work starts."""
+        wav = np.asarray(wav)
+        if wav.size == 0:
+            raise AudioTooLong("the utterance has no samples")
+        if not np.isfinite(wav).all():
+            raise AudioTooLong(f"the utterance holds {int((~np.isfinite(wav)).sum())} NaN or Inf samples")
+        seconds = wav.size / self.frontend.sample_rate
+        if seconds > self.max_audio_seconds:
+            raise AudioTooLong(f"the utterance is {seconds:.1f} s; this engine takes at most "
+                               f"{self.max_audio_seconds:g} s (export with a larger --max-audio-seconds)")
 
     def encode_audio(self, wav: np.ndarray) -> np.ndarray:
         """Mono samples at the frontend's rate -> the valid adapter embeddings (T, D_llm)."""
@@ -260,75 +308,31 @@ class VoiceEngine:
         embeds, valid = self.audio.run({"input_features": features, "feature_length": np.array([length], np.int64)})
         return embeds[0, : int(valid[0])]
 
-    # -- one turn ------------------------------------------------------------------------------------
-    def check_audio(self, wav: np.ndarray) -> None:
-        """Refuse an utterance the audio graph was not exported for, before any work starts."""
-        limit_s = self.bundle.graph("audio_encoder")["limits"]["max_windows"] * self.frontend.window_seconds
-        seconds = wav.size / self.frontend.sample_rate
-        if wav.size == 0:
-            raise AudioTooLong("the utterance has no samples")
-        if seconds > limit_s:
-            raise AudioTooLong(f"the utterance is {seconds:.1f} s; this bundle's audio graph takes at most "
-                               f"{limit_s} s (export with a larger --max-audio-seconds)")
+    # -- conversations --------------------------------------------------------------------------------
+    def conversation(self, system_prompt: str | None = None, speaker: np.ndarray | None = None,
+                     history: Sequence[Any] = ()) -> Any:
+        """A new conversation: its own KV caches, history, speaker and token2wav state."""
+        from .conversation import Conversation
 
-    def turn(self, wav: np.ndarray, options: TurnOptions | None = None) -> Iterator[Event]:
-        """Check the input now, then return the turn's event stream (work happens as it is consumed)."""
-        self.check_audio(wav)
-        return self._turn(wav, options or TurnOptions())
+        return Conversation(self, self.system_prompt if system_prompt is None else system_prompt, speaker,
+                            history)
 
-    def _turn(self, wav: np.ndarray, options: TurnOptions) -> Iterator[Event]:
-        t0 = time.perf_counter()
-        latency = Latency()
-        audio_embeds = self.encode_audio(wav)
-        latency.encode_s = time.perf_counter() - t0
-        prompt_ids = self.prompt.prompt_ids(options.system_prompt)
-        cut = prompt_ids.index(AUDIO_PLACEHOLDER_ID)
-        prompt_embeds = np.concatenate([self.llm.embed(prompt_ids[:cut]), audio_embeds.astype(self.llm.embed_dtype),
-                                        self.llm.embed(prompt_ids[cut + 1:])])
-        cfg = interleave_config(self.bundle.manifest["interleave_strategy"], self.defaults, options)
-        text_sampler, speech_sampler = make_samplers(options, self.vocab)
-        stream = Token2WavStream(self.token2wav, options.stream, seed=options.seed)
-        result = InterleaveResult()
-        pieces: list[np.ndarray] = []
-        text_so_far = ""
-        stopped = "budget"
-        sample_rate = self.token2wav.spec.sample_rate
+    def turn(self, wav: np.ndarray, options: TurnOptions | None = None, text: str = "",
+             on_step: OnStep | None = None) -> Iterator[Event]:
+        """One utterance without memory: the input is checked now, the work happens as events are consumed."""
+        options = options or TurnOptions()
+        if self._oneshot is None:
+            self._oneshot = self.conversation()
+        self._oneshot.reset(options.system_prompt)
+        return self._oneshot.turn(wav, text, options, on_step=on_step)
 
-        def emit_audio(pcm: np.ndarray) -> Iterator[AudioChunk]:
-            if pcm.size:
-                now = time.perf_counter() - t0
-                if latency.first_audio_s is None:
-                    latency.first_audio_s = now
-                pieces.append(pcm)
-                yield AudioChunk(now, pcm, sample_rate)
 
-        schedule = interleave(_TextDecoder(self.llm, prompt_embeds), _SpeechDecoder(self), cfg, text_sampler,
-                              speech_sampler, result)
-        try:
-            for event in schedule:
-                now = time.perf_counter() - t0
-                if event.kind == "text":
-                    if latency.first_text_s is None:
-                        latency.first_text_s = now
-                    if event.token in cfg.text_eos_ids:
-                        stopped = "eos"
-                    full = self.prompt.decode(result.text_ids)
-                    # A token may end inside a UTF-8 character: hold the text back until it completes.
-                    delta = "" if full.endswith("\ufffd") else full[len(text_so_far):]
-                    text_so_far += delta
-                    yield TextDelta(now, event.token, delta)
-                else:
-                    yield SpeechToken(now, event.token)
-                    if self.vocab.is_eos(event.token):
-                        continue
-                    unit = self.vocab.to_units([event.token])
-                    yield from emit_audio(stream.push(unit))
-        except ContextFull:
-            stopped = "context"
-        yield from emit_audio(stream.finalize())
-        audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
-        latency.total_s = time.perf_counter() - t0
-        latency.audio_s = audio.shape[0] / sample_rate
-        speech_ids = [i for i in result.speech_ids if not self.vocab.is_eos(i)]
-        yield TurnDone(latency.total_s, self.prompt.decode(result.text_ids), result.text_ids, speech_ids,
-                       self.vocab.to_units(speech_ids), audio, sample_rate, latency, stopped)
+# The name the earlier API used for a loaded bundle: Engine.from_bundle with the same arguments.
+def VoiceEngine(bundle: Bundle, providers: tuple[str, ...] = ("cpu",), threads: int = 0, *,  # noqa: N802
+                backend: str | Backend = "onnxruntime", engines: str | None = None,
+                cuda_graphs: bool = True) -> Engine:
+    return Engine.from_bundle(bundle, providers, threads, backend=backend, engines=engines, cuda_graphs=cuda_graphs)
+
+
+def elapsed(t0: float) -> float:
+    return time.perf_counter() - t0

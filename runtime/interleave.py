@@ -55,6 +55,7 @@ def parse_strategy(strategy: str) -> tuple[int, int]:
 class Event:
     kind: str  # "text" or "speech"
     token: int
+    round: int  # the interleave round: text chunk r's hidden states produce speech chunk r
 
 
 @dataclass
@@ -86,14 +87,16 @@ def interleave(text: TextDecoder, speech: SpeechDecoder, cfg: InterleaveConfig, 
     logits, hidden = text.prefill()
     speech.start()
     text_done = text_left < 1
+    rnd = -1
     while not text_done:
+        rnd += 1
         chunk_hidden = []
         for _ in range(min(cfg.text_span, text_left)):
             token = text_sampler(logits)
             chunk_hidden.append(hidden)
             result.text_ids.append(token)
             text_left -= 1
-            yield Event("text", token)
+            yield Event("text", token, rnd)
             if token in cfg.text_eos_ids or text_left < 1:
                 text_done = True
                 break
@@ -106,7 +109,7 @@ def interleave(text: TextDecoder, speech: SpeechDecoder, cfg: InterleaveConfig, 
             token = speech_sampler(speech_logits)
             result.speech_ids.append(token)
             speech_left -= 1
-            yield Event("speech", token)
+            yield Event("speech", token, rnd)
             if text_done and (token in cfg.speech_eos_ids or i == budget - 1):
                 return
             # Every speech token is fed back, EOS included, as the reference does before the next chunk.

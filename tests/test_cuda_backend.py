@@ -92,7 +92,8 @@ def test_static_step_gives_the_golden_ids(static_golden: Generator, golden_opens
     # Every text step and every speech step went through the fixed-shape step, across several windows.
     kinds = [t.kind for t in result.timings]
     assert counts["llm"] == kinds.count("llm_step") == len(text_ids) - 1
-    assert counts["tts"] == kinds.count("tts_step") > 40
+    # The speaker input is a single position too, so it takes the same step ("embeds"); no feed here is one row.
+    assert counts["tts"] == kinds.count("tts_step") + kinds.count("tts_start") > 40
     assert len(result.prompt_ids) + len(text_ids) > WINDOWS[1]
     assert 1 + len(text_ids) + kinds.count("tts_step") > WINDOWS[2]
 
@@ -127,7 +128,8 @@ def test_one_state_feeds_use_the_embeds_step(tiny_default: Path, tmp_path: Path)
     static.tts_step.forward = lambda kind, window: seen.append(kind) or inner(kind, window)
     ours = static(wav, options)
     assert ours.to_json() == reference.to_json()
-    assert seen.count("embeds") == len(ours.text_ids) and seen.count("token") > 0
+    # One per text token's state, and the speaker input (a single position too).
+    assert seen.count("embeds") == len(ours.text_ids) + 1 and seen.count("token") > 0
 
 
 def test_step_traces_as_one_graph_without_breaks(golden_opens2s: Path) -> None:

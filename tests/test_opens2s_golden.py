@@ -71,5 +71,6 @@ def test_generate_command_on_golden(golden_opens2s) -> None:
     assert reply["text_ids"] == golden["u1/text_ids"].reshape(-1).tolist()
     eos = json.loads((golden_opens2s / "golden.json").read_text())["checkpoint"]["tts_eos_ids"]
     assert reply["speech_ids"] == [i for i in golden["u1/speech_ids_raw"].reshape(-1).tolist() if i not in eos]
-    assert set(reply) == {"text", "text_ids", "speech_ids", "speech_units"}
+    assert set(reply) == {"text", "text_ids", "speech_ids", "speech_units", "prompt_ids"}
+    assert reply["prompt_ids"] == golden["u1/prompt_ids"].reshape(-1).tolist()
     assert all(0 <= u < 16384 for u in reply["speech_units"])

@@ -114,7 +114,12 @@ def test_run_command_without_torch(tiny_bundle: Path, tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     reply = json.loads(run.stdout)
-    assert set(reply) == {"text", "text_ids", "speech_ids", "speech_units", "latency"}
+    assert set(reply) == {"text", "text_ids", "speech_ids", "speech_units", "latency", "prompt_ids", "reused",
+                          "prefilled", "stopped"}
+    from opens2s_edge.runtime.prompt import PromptBuilder
+
+    assert reply["prompt_ids"] == PromptBuilder.from_folder(tiny_bundle).prompt_ids()
+    assert reply["reused"] == 0 and reply["prefilled"] > len(reply["prompt_ids"])  # the audio rows too
     assert {"first_text_s", "first_audio_s", "rtf", "total_s"} <= set(reply["latency"])
     audio, rate = sf.read(out)
     assert rate == 22050 and audio.size > 0

@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="OpenS2S checkpoint folder")
     p.add_argument("--audio", type=Path, required=True, help="user utterance (wav/flac; 16 kHz mono preferred)")
     add_decode_arguments(p)
-    p.add_argument("--json", action="store_true", help="print {text, text_ids, speech_ids, speech_units}")
+    p.add_argument("--json", action="store_true", help="print {text, text_ids, speech_ids, speech_units, prompt_ids}")
     p.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="weights and activations (default: fp32 on cpu, bf16 on cuda)")
@@ -54,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
     from opens2s_edge.runtime.token2wav_stream import Token2WavError
 
     from .checkpoint import CheckpointError, read_frontend
-    from .cuda_backend import DeviceError, use_kernels
+    from .cuda_backend import DeviceError
     from .generate import Generator
 
     if args.out is not None and args.decoder is None:
@@ -64,9 +64,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         wav = load_wav(args.audio, read_frontend(args.checkpoint).sample_rate)
         generator = Generator(args.checkpoint, dtype=args.dtype, max_context=args.max_context, device=args.device,
-                              cuda_graphs=args.cuda_graphs, compile=args.compile, decoder=args.decoder)
-        if args.kernels != "torch" or args.weights is not None:
-            use_kernels(generator, args.kernels, args.weights)
+                              cuda_graphs=args.cuda_graphs, compile=args.compile, decoder=args.decoder,
+                              kernels=args.kernels, weights=args.weights)
     except (AudioInputError, CheckpointError, TokenizerError, DeviceError, Token2WavError) as exc:
         raise UserError(str(exc)) from exc
     if generator.device.type == "cuda" and args.dtype == "fp32":

@@ -33,6 +33,7 @@ float32 row (logits then the final-norm hidden state), copied to the host in one
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -142,16 +143,18 @@ class StaticDecodeStep:
     """
 
     def __init__(self, lm: Qwen3LM, mode: str = "static", windows: Sequence[int] | None = None,
-                 pool: object | None = None):
+                 pool: object | None = None, caches: Sequence[torch.nn.Module] | None = None):
+        """`caches`: the sequence's KV caches (default: the LM's own, from setup_cache)."""
         if mode not in ("static", "graph", "compile"):
             raise ValueError(f"StaticDecodeStep runs the fixed-shape step (static, graph, compile), not {mode!r}")
-        if lm.caches is None:
-            raise ValueError("call setup_cache on the LM before building its decode step")
+        caches = list(lm.caches) if caches is None and lm.caches is not None else caches
+        if not caches:
+            raise ValueError("give the step its KV caches (or call setup_cache on the LM first)")
         weight = lm.model.embed_tokens.weight
         self.lm, self.mode, self.device = lm, mode, weight.device
         if mode == "graph" and self.device.type != "cuda":
             raise DeviceError("CUDA graphs need the model on a CUDA device")
-        self.max_len = lm.max_len
+        self.max_len = int(caches[0].k.shape[2])
         if lm._rope_len < self.max_len:  # the graphs read the rope tables in place: they must never be rebuilt
             lm._ensure_rope(self.max_len)
         self.vocab = lm.config.vocab_size
@@ -166,13 +169,13 @@ class StaticDecodeStep:
             self.inputs = torch.zeros(1, 1, lm.config.hidden_size, dtype=weight.dtype, device=self.device)
             self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         # Cache views per window, built once (the whole cache is the cache itself).
-        self._caches = {n: (list(lm.caches) if n == self.max_len else [CacheWindow(c, n) for c in lm.caches])
+        self._caches = {n: (list(caches) if n == self.max_len else [CacheWindow(c, n) for c in caches])
                         for n in windows}
         self.pool = pool
         self._graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._compiled: dict[str, object] = {}
         if mode == "compile":
-            for cache in lm.caches:  # the caches are mutated in place: cudagraph trees must not copy them
+            for cache in caches:  # the caches are mutated in place: cudagraph trees must not copy them
                 torch._dynamo.mark_static_address(cache.k)
                 torch._dynamo.mark_static_address(cache.v)
             for buf in (self.ids, self.inputs, self.pos):
@@ -286,35 +289,11 @@ def kernel_ops(kernels: str, device: torch.device | None = None) -> Qwen3Ops:
     return TRITON_OPS
 
 
-def use_kernels(generator, kernels: str = "triton", weights: str | None = None) -> None:
+def use_kernels(generator: Any, kernels: str = "triton", weights: str | None = None) -> None:
     """Run a `Generator`'s decoders (the LLM and the TTS LM) on `kernels`, in place; `weights` "int8" / "int4"
-    also quantizes their projections weight-only (training/generate.Generator has no switch for it: call this right
-    after building the generator, before `warmup()` or the first turn).
-
-    With kernels whose attention reads only the filled rows (Triton), the decode steps are rebuilt over a single
-    window, the whole cache: one CUDA graph per input kind instead of one per window. Steps already captured are
-    dropped and captured again on first use."""
-    model = generator.model
-    ops = kernel_ops(kernels, generator.device)
-    lms = (model.llm_model, model.tts_lm_model)
-    if weights is not None:
-        from opens2s_edge.kernels.ops import KernelError
-        from opens2s_edge.kernels.quant import quantize_linears
-
-        try:
-            for lm in lms:
-                quantize_linears(lm, weights, use_kernels=kernels == "triton")
-        except KernelError as exc:
-            raise DeviceError(str(exc)) from exc
-    for lm in lms:
-        lm.set_ops(ops)
+    also quantizes their projections weight-only (see TorchBackend.set_kernels). Call it before `warmup()`."""
+    generator.backend.set_kernels(kernels, weights)
     generator.kernels, generator.weights = kernels, weights
-    for name in ("llm_step", "tts_step"):
-        step = getattr(generator, name, None)
-        if step is None:
-            continue
-        windows = (step.max_len,) if ops.reads_filled_rows else step.windows
-        setattr(generator, name, StaticDecodeStep(step.lm, step.mode, windows, step.pool))
 
 
 def host_row(row: Tensor) -> np.ndarray:
