@@ -74,31 +74,24 @@ def _load_wav(path: str) -> np.ndarray:
     return load_wav(path)
 
 
-# -- our torch-free runtime, on onnxruntime or on the bundle's TensorRT engines ----------------------------------
-def runtime_turns(config: dict, backend: str) -> dict[str, Any]:
-    from opens2s_edge.runtime.bundle import load_bundle
-    from opens2s_edge.runtime.engine import AudioChunk, TextDelta, TurnDone, TurnOptions, VoiceEngine
+# -- our engine: the torch-free runtime (onnxruntime, TensorRT) and the PyTorch backend ---------------------------
+def engine_turns(engine: Any, setup_s: float, config: dict, extra: dict) -> dict[str, Any]:
+    """Turns timed through the engine's own events: StepTiming for every decoder call and the audio encoder; the
+    token2wav backend's three networks are timed per chunk by wrapping them (they run inside the stream)."""
+    from opens2s_edge.runtime.engine import AudioChunk, StepTiming, TextDelta, TurnDone, TurnOptions
     from opens2s_edge.runtime.engine import SpeechToken as SpeechEvent
-    from opens2s_edge.runtime.onnx_backend import BackendError
 
-    t_setup = time.perf_counter()
-    bundle = load_bundle(config["bundle"], verify=False)
-    try:
-        if backend == "onnxruntime":
-            engine = VoiceEngine(bundle, tuple(config["providers"]), config["threads"])
-        else:
-            engine = VoiceEngine(bundle, backend=backend)
-    except BackendError as exc:
-        if backend == "onnxruntime":
-            raise
-        # No TensorRT, no GPU or no engine set for this GPU: a reason to report, not a failure.
-        raise PeerSkipped(str(exc)) from exc
-    setup_s = time.perf_counter() - t_setup
     rec = Recorder()
-    wrap(engine.audio, "run", rec.audio)
-    wrap(engine.llm, "run", rec.decoder("llm", lambda a, k: a[0].shape[0]))
-    wrap(engine.tts, "run", rec.decoder("tts", lambda a, k: a[0].shape[0]))
     rec.instrument_token2wav(engine.token2wav)
+
+    def on_step(timing: StepTiming) -> None:
+        if timing.kind == "audio":
+            rec.turn.audio_encoder_s += timing.seconds
+        elif timing.kind.startswith("llm_"):
+            rec.turn.llm.append(Call(timing.positions, timing.seconds, timing.kind == "llm_step"))
+        elif timing.kind.startswith("tts_"):
+            rec.turn.tts.append(Call(timing.positions, timing.seconds, timing.kind == "tts_step"))
+
     options = TurnOptions(greedy=True, reference_sampling=True, max_text_tokens=config["max_text_tokens"],
                           max_speech_tokens=config["max_speech_tokens"], seed=0)
 
@@ -107,7 +100,7 @@ def runtime_turns(config: dict, backend: str) -> dict[str, Any]:
         first_text = first_audio = None
         t0 = time.perf_counter()
         done = None
-        for event in engine.turn(wav, options):
+        for event in engine.turn(wav, options, on_step=on_step):
             if isinstance(event, TextDelta) and first_text is None:
                 first_text = time.perf_counter()
             elif isinstance(event, SpeechEvent) and not engine.vocab.is_eos(event.token):
@@ -124,12 +117,29 @@ def runtime_turns(config: dict, backend: str) -> dict[str, Any]:
         record["stopped"] = done.stopped
         return record
 
-    extra = {"backend": backend, "dtype": bundle.manifest["dtype"], "form": bundle.manifest["form"]}
-    if backend == "onnxruntime":
-        extra["providers"] = engine.llm.session.get_providers()
-    else:
-        extra["engine"] = engine.backend.describe()
-    return _run_turns(setup_s, turn, config, extra)
+    return _run_turns(setup_s, turn, config, {**extra, "engine": engine.backend.describe()})
+
+
+def runtime_turns(config: dict, backend: str) -> dict[str, Any]:
+    from opens2s_edge.runtime.bundle import load_bundle
+    from opens2s_edge.runtime.engine import Engine
+    from opens2s_edge.runtime.onnx_backend import BackendError
+
+    t_setup = time.perf_counter()
+    bundle = load_bundle(config["bundle"], verify=False)
+    try:
+        if backend == "onnxruntime":
+            engine = Engine.from_bundle(bundle, tuple(config["providers"]), config["threads"])
+        else:
+            engine = Engine.from_bundle(bundle, backend=backend)
+    except BackendError as exc:
+        if backend == "onnxruntime":
+            raise
+        # No TensorRT, no GPU or no engine set for this GPU: a reason to report, not a failure.
+        raise PeerSkipped(str(exc)) from exc
+    setup_s = time.perf_counter() - t_setup
+    return engine_turns(engine, setup_s, config, {"backend": backend, "dtype": bundle.spec.dtype,
+                                                  "form": bundle.spec.form})
 
 
 def ort_turns(config: dict) -> dict[str, Any]:
@@ -140,76 +150,24 @@ def trt_turns(config: dict) -> dict[str, Any]:
     return runtime_turns(config, "tensorrt")
 
 
-# -- our PyTorch path ---------------------------------------------------------------------------------------
 def torch_turns(config: dict) -> dict[str, Any]:
+    """Our PyTorch path: the same engine on the PyTorch backend. On a GPU machine asked to bench a GPU provider,
+    as a user there would run it: CUDA, bf16, decode steps replayed as CUDA graphs captured before the first turn."""
     import torch
 
-    from opens2s_edge.runtime.decoding import DecodeOptions
-    from opens2s_edge.runtime.token2wav_stream import StreamConfig, Token2WavStream
-    from opens2s_edge.training.generate import Generator, StepTiming
-    from opens2s_edge.training.token2wav.decoder import load_decoder
+    from opens2s_edge.training.generate import Generator
 
     _threads(config["threads"])
-    # On a GPU machine asked to bench a GPU provider, our PyTorch path runs as a user there would run it:
-    # CUDA, bf16, decode steps replayed as CUDA graphs captured before the first turn.
     on_gpu = _on_gpu(config)
     t_setup = time.perf_counter()
+    device = {"device": "cuda", "cuda_graphs": True} if on_gpu else {}
+    gen = Generator(config["checkpoint"], max_context=config["max_context"], decoder=config["decoder"], **device)
     if on_gpu:
-        gen = Generator(config["checkpoint"], max_context=config["max_context"], device="cuda", cuda_graphs=True)
         gen.warmup()
-    else:
-        gen = Generator(config["checkpoint"], max_context=config["max_context"])
-    decoder = load_decoder(config["decoder"], device=gen.device)
     setup_s = time.perf_counter() - t_setup
-    rec = Recorder()
-    rec.instrument_token2wav(decoder.backend)
-
-    # The Generator times its own pieces host to host (a CUDA graph replay is not a module call a wrapper sees).
-    def on_step(timing: StepTiming) -> None:
-        if timing.kind == "audio":
-            rec.turn.audio_encoder_s += timing.seconds
-        elif timing.kind.startswith("llm_"):
-            rec.turn.llm.append(Call(timing.positions, timing.seconds, timing.kind == "llm_step"))
-        elif timing.kind.startswith("tts_"):
-            rec.turn.tts.append(Call(timing.positions, timing.seconds, timing.kind == "tts_step"))
-
-    vocab = gen.vocab
-    options = DecodeOptions(greedy=True, reference_sampling=True, max_text_tokens=config["max_text_tokens"],
-                            max_speech_tokens=config["max_speech_tokens"], seed=0)
-
-    def turn(wav: np.ndarray) -> dict[str, Any]:
-        rec.new_turn()
-        # The same streaming session the runtime drives (defaults, seed 0), fed as each speech token arrives.
-        stream = Token2WavStream(decoder.backend, StreamConfig(), seed=0)
-        first: dict[str, float] = {}
-        pieces: list[np.ndarray] = []
-
-        def on_event(kind: str, token: int) -> None:
-            if kind == "text":
-                first.setdefault("text", time.perf_counter())
-                return
-            if vocab.is_eos(token):
-                return
-            rec.turn.units_pushed += 1
-            pcm = stream.push(vocab.to_units([token]))
-            if pcm.size:
-                first.setdefault("audio", time.perf_counter())
-                pieces.append(pcm)
-
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            result = gen(wav, options, on_event, on_step)
-        tail = stream.finalize()
-        if tail.size:
-            first.setdefault("audio", time.perf_counter())
-            pieces.append(tail)
-        end = time.perf_counter()
-        samples = sum(p.shape[0] for p in pieces)
-        return _turn_record(t0, first.get("text"), first.get("audio"), end, samples, decoder.sample_rate,
-                            result.text_ids, result.speech_ids, rec)
-
-    return _run_turns(setup_s, turn, config, {"torch_threads": torch.get_num_threads(), "device": str(gen.device),
-                                              "dtype": str(gen.dtype), "step_mode": gen.step_mode})
+    return engine_turns(gen.engine, setup_s, config, {"torch_threads": torch.get_num_threads(),
+                                                      "device": str(gen.device), "dtype": str(gen.dtype),
+                                                      "step_mode": gen.step_mode})
 
 
 # -- the reference's algorithm on transformers ----------------------------------------------------------------
@@ -235,43 +193,33 @@ def hf_causal_lm(lm_config: dict, state: dict, attn_implementation: str = "sdpa"
 
 
 class _UnitSink:
-    """The reference worker's token2wav loop: collect units, and every 24 run the flow over the whole history
-    (prompt tokens = everything before, prompt mel = every earlier chunk's mel), vocode the new mel."""
-
-    block = 24
+    """The reference worker's unit streamer and token2wav loop (training/token2wav/reference_stream.py): every id
+    the TTS LM emits becomes `id - units_bias` (non-speech ids, the eos among them, unit 0), and every 24 units
+    the flow re-encodes the whole history."""
 
     def __init__(self, decoder: Any, vocab: Any, rec: Recorder):
-        self.decoder, self.vocab, self.rec = decoder, vocab, rec
-        self.units: list[int] = []
-        self.history = np.zeros(0, np.int64)
-        self.mels: list[np.ndarray] = []
+        from opens2s_edge.training.token2wav.reference_stream import ReferenceStream
+
+        self.vocab, self.rec = vocab, rec
+        self.stream = ReferenceStream(decoder)
+        wrap(self.stream, "_vocode", rec.vocode)
         self.pieces: list[np.ndarray] = []
         self.first_audio: float | None = None
 
     def put(self, value: Any) -> None:
-        for token in np.asarray(value.cpu() if hasattr(value, "cpu") else value).reshape(-1).tolist():
-            if self.vocab.is_eos(token):
-                continue
-            self.units.extend(self.vocab.to_units([int(token)]))
-            self.rec.turn.units_pushed += 1
-            if len(self.units) >= self.block:
-                self._chunk()
+        ids = np.asarray(value.cpu() if hasattr(value, "cpu") else value).reshape(-1).tolist()
+        self.rec.turn.units_pushed += len(ids)
+        self._keep(self.stream.push(self.vocab.to_units(ids)))
 
     def end(self) -> None:
-        if self.units:
-            self._chunk()
+        self._keep([self.stream.finish()])
 
-    def _chunk(self) -> None:
-        tokens = np.asarray(self.units, np.int64)
-        prompt_mel = np.concatenate(self.mels, axis=1) if self.mels else None
-        mel = self.decoder.mel(tokens, prompt_tokens=self.history, prompt_mel=prompt_mel)
-        wav, _ = self.decoder.vocode(mel)
-        self.mels.append(mel)
-        self.history = np.concatenate([self.history, tokens])
-        self.units = []
-        self.pieces.append(wav)
-        if self.first_audio is None:
-            self.first_audio = time.perf_counter()
+    def _keep(self, chunks: list[np.ndarray]) -> None:
+        for wav in chunks:
+            if wav.size:
+                self.pieces.append(wav)
+                if self.first_audio is None:
+                    self.first_audio = time.perf_counter()
 
 
 class ReferencePipeline:
@@ -397,7 +345,8 @@ def reference_turns(config: dict) -> dict[str, Any]:
     wrap(pipe.model, "encode_audio", rec.audio)
     wrap(pipe.llm, "forward", rec.decoder("llm", _hf_positions))
     wrap(pipe.tts, "forward", rec.decoder("tts", _hf_positions))
-    rec.instrument_token2wav(pipe.decoder.backend, vocoder_owner=pipe.decoder)
+    wrap(pipe.decoder.backend, "encode", rec.encode)
+    wrap(pipe.decoder.backend, "estimate", rec.estimate)
 
     def turn(wav: np.ndarray) -> dict[str, Any]:
         rec.new_turn()
