@@ -13,17 +13,10 @@ import soundfile as sf
 import torch
 
 from opens2s_edge.cli import main as cli_main
-from opens2s_edge.runtime.interleave import InterleaveResult, interleave
 from opens2s_edge.runtime.prompt import AUDIO_PLACEHOLDER_ID, PromptBuilder, SpeechVocab
-from opens2s_edge.training.checkpoint import load_checkpoint, read_generation_defaults
+from opens2s_edge.training.checkpoint import load_checkpoint
 from opens2s_edge.training.data import IGNORE_INDEX, AudioRef, Collator, DataError, JsonlDataset, read_audio
-from opens2s_edge.training.generate import (
-    GenerationOptions,
-    TorchSpeechDecoder,
-    TorchTextDecoder,
-    interleave_config,
-    make_samplers,
-)
+from opens2s_edge.training.generate import GenerationOptions, Generator
 from opens2s_edge.training.presets import write_preset
 from opens2s_edge.training.stages import StageModel, interleave_layout, llm_inputs
 
@@ -141,7 +134,6 @@ def test_interleave_layout() -> None:
 def test_training_layout_reproduces_greedy_generation(tmp_path: Path, ckpt: Path) -> None:
     """Teacher forcing on what greedy generation produced must predict exactly those tokens: the training
     sequence is the inference sequence, position for position."""
-    from opens2s_edge.runtime.audio import audio_features
 
     wav_path = _wav(tmp_path / "a.wav", 1.5)
     model = load_checkpoint(ckpt)
@@ -151,21 +143,12 @@ def test_training_layout_reproduces_greedy_generation(tmp_path: Path, ckpt: Path
     start = int(batch.response_start[0])
     prompt_ids = batch.input_ids[0, :start].tolist()
 
-    infer = load_checkpoint(ckpt)
-    infer.llm_model.setup_cache(512)
-    infer.tts_lm_model.setup_cache(512)
     vocab = SpeechVocab.from_folder(ckpt / "tts")
     options = GenerationOptions(greedy=True, max_text_tokens=10, max_speech_tokens=40)
-    with torch.no_grad():
-        from opens2s_edge.runtime.audio import load_wav
+    from opens2s_edge.runtime.audio import load_wav
 
-        features, length = audio_features(load_wav(wav_path))
-        embeds = infer.encode_audio(torch.from_numpy(features), torch.tensor([length]))
-        prompt_embeds = infer.splice_prompt(prompt_ids, embeds, AUDIO_PLACEHOLDER_ID)
-        result = InterleaveResult()
-        cfg = interleave_config(infer.config.interleave_strategy, read_generation_defaults(ckpt), options)
-        list(interleave(TorchTextDecoder(infer, prompt_embeds), TorchSpeechDecoder(infer), cfg,
-                        *make_samplers(options, vocab), result))
+    result = Generator(ckpt, max_context=512)(load_wav(wav_path), options)
+    assert result.prompt_ids == prompt_ids  # the training prompt is the inference prompt
     text_ids, speech_ids = result.text_ids, result.speech_ids
     assert len(text_ids) == 10 and len(speech_ids) > 16
     early_eos = any(vocab.is_eos(i) for i in speech_ids[:-1])
