@@ -57,6 +57,9 @@ class GraphSpec:
     circular_outputs: tuple[str, ...] = ()
     # The least deviation from the fp32 reference verification allows, whatever the export dtype.
     min_tolerance: float = 0.0
+    # Matmuls reading one activation fused into one (q/k/v, gate/up): for onnxruntime's forms, where it measurably
+    # pays; TensorRT fuses by itself and its forms keep one node per projection.
+    fuse_matmuls: bool = False
 
 
 class GraphCache:
@@ -128,6 +131,7 @@ def decoder_graph(name: str, lm: Qwen3LM, max_context: int, dtype: torch.dtype, 
         dynamic={"inputs_embeds": {1: "tokens"}},
         probes=[example(1, 0), example(1, max_context - 1), example(min(17, max_context), 0)],
         limits={"max_context": max_context}, aliases=aliases, keep_fp32=(nn.LayerNorm,),
+        fuse_matmuls=form not in lowerings.TENSORRT_FORMS,
     )
 
 

@@ -250,6 +250,27 @@ def _half_dim(table) -> int:
     return sizes[-1] // 2
 
 
+class _SplitHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, heads: int, head_dim: int) -> Tensor:  # noqa: ARG004
+        return qwen3.split_heads(x, heads, head_dim)
+
+    @staticmethod
+    def symbolic(g, x, heads, head_dim):
+        # 0 copies the batch, -1 infers the rows: a constant shape, no Shape/Gather/Concat subgraph per reshape.
+        return g.op("Reshape", x, _const(g, [0, -1, heads, head_dim]))
+
+
+class _MergeHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: ARG004
+        return qwen3.merge_heads(x)
+
+    @staticmethod
+    def symbolic(g, x):
+        return g.op("Reshape", x, _const(g, [0, 0, -1]))
+
+
 # -- the op sets ----------------------------------------------------------------------------------------------------
 def form_ops(form: str, config: qwen3.Qwen3Config) -> qwen3.Qwen3Ops:
     """The primitive set that traces `config`'s decoder in `form` (the config fixes head counts and the attention
@@ -261,7 +282,10 @@ def form_ops(form: str, config: qwen3.Qwen3Config) -> qwen3.Qwen3Ops:
     if form == "modern":
         return qwen3.Qwen3Ops(rms_norm=_RMSNorm.apply, rope=_Rope.apply, attention=_grouped(_ModernSDPA, scale),
                               write_cache=_TensorScatter.apply, name="onnx-modern")
-    return qwen3.Qwen3Ops(fused_attention=_gqa_fused(config), name="onnx-gqa", reads_filled_rows=True)
+    # Constant-shape head reshapes too: at int4 a step is a few milliseconds, and the shape subgraphs of traced
+    # views were a measurable share of it (benchmarks/RESULTS.md).
+    return qwen3.Qwen3Ops(fused_attention=_gqa_fused(config), split_heads=_SplitHeads.apply,
+                          merge_heads=_MergeHeads.apply, name="onnx-gqa", reads_filled_rows=True)
 
 
 @contextlib.contextmanager

@@ -219,10 +219,87 @@ def attach_weights(model: onnx.ModelProto, data_inputs: list[str], value: Callab
     graph.input.extend(keep_inputs)
 
 
+# Joins the weight names of a fused matmul into the name of its concatenated weight.
+FUSED_SEPARATOR = "+"
+
+
+def fuse_sibling_matmuls(model: onnx.ModelProto, data_inputs: list[str]) -> dict[str, list[str]]:
+    """Matmuls that read the same activation through weights of their own (q/k/v, gate/up) become one matmul on the
+    weights concatenated along N and a Split: one larger GEMV per step instead of two or three, which is what
+    onnxruntime's MatMulNBits kernels reward at one row (measured in benchmarks/RESULTS.md). Works on the traced
+    graph, before any weight is written: the weights are still graph inputs, each read through a Transpose (Linear
+    stores (N, K)). Returns fused input name -> the weight names it concatenates, in order (rows of the (N, K) weight).
+    """
+    graph = model.graph
+    inputs = {vi.name: vi for vi in graph.input if vi.name not in data_inputs}
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    producer = {o: node for node in graph.node for o in node.output}
+    siblings: dict[str, list[tuple[onnx.NodeProto, onnx.NodeProto, str]]] = defaultdict(list)
+    for node in graph.node:
+        if node.op_type != "MatMul":
+            continue
+        t = producer.get(node.input[1])
+        if t is None or t.op_type != "Transpose" or t.input[0] not in inputs or len(consumers[t.input[0]]) != 1:
+            continue
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), [1, 0])
+        if perm != [1, 0] or len(inputs[t.input[0]].type.tensor_type.shape.dim) != 2:
+            continue
+        siblings[node.input[0]].append((node, t, t.input[0]))
+    groups: dict[str, list[str]] = {}
+    drop: set[int] = set()
+    added: dict[int, list[onnx.NodeProto]] = {}
+    for activation, members in siblings.items():
+        if len(members) < 2:
+            continue
+        names = [w for _, _, w in members]
+        fused = FUSED_SEPARATOR.join(names)
+        dims = [inputs[w].type.tensor_type.shape.dim for w in names]
+        rows = [d[0].dim_value for d in dims]
+        elem = inputs[names[0]].type.tensor_type.elem_type
+        graph.input.append(helper.make_tensor_value_info(fused, elem, [sum(rows), dims[0][1].dim_value]))
+        first = members[0][0]
+        transposed, product = f"{fused}__t", f"{first.output[0]}__fused"
+        sizes = f"{fused}__split"
+        added[id(first)] = [
+            helper.make_node("Transpose", [fused], [transposed], perm=[1, 0], name=f"{first.name}__fused_t"),
+            helper.make_node("MatMul", [activation, transposed], [product], name=f"{first.name}__fused"),
+            helper.make_node("Constant", [], [sizes], value=numpy_helper.from_array(np.array(rows, np.int64)),
+                             name=f"{first.name}__fused_sizes"),
+            helper.make_node("Split", [product, sizes], [m.output[0] for m, _, _ in members], axis=-1,
+                             name=f"{first.name}__fused_split")]
+        for matmul, transpose, _ in members:
+            drop.update((id(matmul), id(transpose)))
+        groups[fused] = names
+    if not groups:
+        return groups
+    nodes = []
+    for node in graph.node:
+        nodes.extend(added.get(id(node), []))
+        if id(node) not in drop:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    gone = {w for names in groups.values() for w in names}
+    kept = [vi for vi in graph.input if vi.name not in gone]
+    del graph.input[:]
+    graph.input.extend(kept)
+    return groups
+
+
 def export_graph(spec: GraphSpec, path: Path, dtype: torch.dtype, value: Callable[[str], Tensor]) -> int:
     """Write `spec` as ONNX at `path` (+ `path`.data) in its form; returns the graph's opset. `value(name)`
-    gives each weight by its state_dict name, one at a time."""
+    gives each weight by its state_dict name, one at a time (a fused weight: its parts, concatenated as written)."""
     model = trace_graph(spec, path, dtype)
-    attach_weights(model, list(spec.inputs), value, path.with_name(path.name + ".data"))
+    groups = fuse_sibling_matmuls(model, list(spec.inputs)) if spec.fuse_matmuls else {}
+
+    def weight(name: str) -> Tensor:
+        if name in groups:
+            return torch.cat([value(part) for part in groups[name]], dim=0)
+        return value(name)
+
+    attach_weights(model, list(spec.inputs), weight, path.with_name(path.name + ".data"))
     onnx.save(model, str(path))
     return lm_forms.OPSETS[spec.form]

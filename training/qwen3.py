@@ -104,6 +104,16 @@ def scatter_rows(cache: Tensor, new: Tensor, pos: Tensor) -> Tensor:
     return torch.scatter(cache, 2, pos.view(1, 1, -1, 1).expand_as(new), new)
 
 
+def split_heads(x: Tensor, heads: int, head_dim: int) -> Tensor:
+    """(B, T, heads * head_dim) -> (B, T, heads, head_dim)."""
+    return x.view(*x.shape[:-1], heads, head_dim)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, T, heads, head_dim) -> (B, T, heads * head_dim)."""
+    return x.flatten(-2)
+
+
 @dataclass(frozen=True)
 class Positions:
     """Where the rows of one forward call sit, computed once per call for every layer."""
@@ -133,6 +143,8 @@ class Qwen3Ops:
       rope, the cache write and attention itself (onnxruntime's GroupQueryAttention does all three in one op).
     - `reads_filled_rows`: attention of a single position reads only the cache rows <= its position (from `pos`),
       so a caller need not narrow the cache to a window first.
+    - `split_heads` / `merge_heads`: the reshapes around attention. Traced plainly they read the row count off the
+      tensor's shape (Shape, Gather, Concat per call); a form may emit a constant-shape Reshape instead.
     """
 
     rms_norm: Callable[[Tensor, Tensor, float], Tensor] = rms_norm
@@ -143,6 +155,8 @@ class Qwen3Ops:
     reads_filled_rows: bool = False
     write_cache: Callable[[Tensor, Tensor, Tensor], Tensor] = scatter_rows
     fused_attention: FusedAttention | None = None
+    split_heads: Callable[[Tensor, int, int], Tensor] = split_heads
+    merge_heads: Callable[[Tensor], Tensor] = merge_heads
 
 
 TORCH_OPS = Qwen3Ops()
@@ -175,12 +189,13 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, p: Positions, cache: KVCache | None) -> Tensor:
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim))
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
+        split = self.ops.split_heads
+        q = self.q_norm(split(self.q_proj(x), self.n_heads, self.head_dim))
+        k = self.k_norm(split(self.k_proj(x), self.n_kv, self.head_dim))
+        v = split(self.v_proj(x), self.n_kv, self.head_dim)
         if cache is not None and self.ops.fused_attention is not None:
             y, cache.k, cache.v = self.ops.fused_attention(q, k, v, cache.k, cache.v, p)
-            return self.o_proj(y.reshape(b, t, self.n_heads * self.head_dim))
+            return self.o_proj(self.ops.merge_heads(y))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = self.ops.rope(q, p.cos, p.sin), self.ops.rope(k, p.cos, p.sin)
         if cache is not None:
@@ -350,5 +365,5 @@ def param_count(module: nn.Module) -> int:
 
 
 __all__ = ["Qwen3Config", "Qwen3LM", "Qwen3Ops", "TORCH_OPS", "KVCache", "ContextFull", "FusedAttention", "Positions",
-           "apply_rope", "gqa_attention", "init_weights", "param_count", "rms_norm", "rope_tables", "scatter_rows",
-           "swiglu"]
+           "apply_rope", "gqa_attention", "init_weights", "merge_heads", "param_count", "rms_norm", "rope_tables",
+           "scatter_rows", "split_heads", "swiglu"]
