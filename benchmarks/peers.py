@@ -8,7 +8,7 @@ vocabulary as the reference does, so every peer can reach the same ids):
   The reference runs generation on a second thread; here the token2wav chunk runs inline where the unit streamer
   receives the 24th unit (on a CPU the two threads would share the same cores).
 - `torch`: our PyTorch pipeline (training.generate.Generator, static KV caches) + our streaming token2wav.
-- `ort`: our torch-free runtime (runtime.engine.VoiceEngine) on the bundle, on onnxruntime.
+- `ort`: our torch-free runtime (runtime.engine.Engine) on the bundle, on onnxruntime.
 - `trt`: the same runtime on the bundle's TensorRT engines (`opens2s-edge build`); skipped with the reason where
   TensorRT, cuda-python, a GPU or a matching engine set is missing.
 

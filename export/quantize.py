@@ -119,11 +119,11 @@ def collect_calibration(bundle: Bundle, graphs: Sequence[str], wavs: Sequence[Pa
     """Real inputs of `graphs`, recorded while the bundle answers one greedy turn per utterance on onnxruntime.
     Decoder samples hold only `inputs_embeds` and `start`: the caches are zeros (see the module docstring)."""
     from opens2s_edge.runtime.audio import load_wav
-    from opens2s_edge.runtime.engine import TurnOptions, VoiceEngine
+    from opens2s_edge.runtime.engine import Engine, TurnOptions
     from opens2s_edge.runtime.onnx_backend import OnnxRuntimeBackend
 
     recorder = RecordingBackend(OnnxRuntimeBackend(bundle, providers), graphs)
-    engine = VoiceEngine(bundle, backend=recorder)
+    engine = Engine.from_bundle(bundle, backend=recorder)
     options = TurnOptions(greedy=True, max_text_tokens=max_text_tokens, max_speech_tokens=max_speech_tokens)
     for wav_path in wavs or [ASSET_WAV]:
         wav = load_wav(Path(wav_path))

@@ -50,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
     from .audio import AudioInputError, Frontend, load_wav
     from .audio_io import AudioDeviceError, Speaker, record
     from .bundle import BundleError, load_bundle, read_manifest
-    from .engine import AudioChunk, AudioTooLong, TextDelta, TurnDone, TurnOptions, VoiceEngine
+    from .engine import AudioChunk, AudioTooLong, Engine, TextDelta, TurnDone, TurnOptions
     from .onnx_backend import BackendError
 
     if args.out is None and not args.play:
@@ -66,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
                             "bundle's engines directly (drop --provider, or use --backend onnxruntime)")
         if args.backend != "tensorrt" and (args.engines or args.no_cuda_graphs):
             raise UserError("--engines and --no-cuda-graphs apply to --backend tensorrt")
-        engine = VoiceEngine(load_bundle(args.bundle), tuple(args.provider or ["cpu"]), args.threads,
+        engine = Engine.from_bundle(load_bundle(args.bundle), tuple(args.provider or ["cpu"]), args.threads,
                              backend=args.backend, engines=args.engines, cuda_graphs=not args.no_cuda_graphs)
         options = decode_options_from_args(args, TurnOptions)
     except (AudioInputError, AudioDeviceError, BundleError, BackendError, ValueError) as exc:

@@ -15,7 +15,6 @@ eager, or decode steps replayed as CUDA graphs). The turn itself is written once
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -32,7 +31,7 @@ from .token2wav_stream import DecoderSpec, StreamConfig, Token2WavBackend
 
 __all__ = ["AudioChunk", "AudioTooLong", "Backend", "BackendError", "ContextFull", "Engine", "Graph",
            "GraphToken2Wav", "HistoryTrimmed", "Latency", "SpeechToken", "StepTiming", "TextDelta", "TurnDone",
-           "TurnOptions", "VoiceEngine", "make_backend"]
+           "TurnOptions", "make_backend"]
 
 
 @dataclass
@@ -321,18 +320,12 @@ class Engine:
              on_step: OnStep | None = None) -> Iterator[Event]:
         """One utterance without memory: the input is checked now, the work happens as events are consumed."""
         options = options or TurnOptions()
+        conversation = self.oneshot()
+        conversation.reset(options.system_prompt)
+        return conversation.turn(wav, text, options, on_step=on_step)
+
+    def oneshot(self) -> Any:
+        """The conversation `turn` reuses (its decoders are what a one-utterance benchmark or test drives)."""
         if self._oneshot is None:
             self._oneshot = self.conversation()
-        self._oneshot.reset(options.system_prompt)
-        return self._oneshot.turn(wav, text, options, on_step=on_step)
-
-
-# The name the earlier API used for a loaded bundle: Engine.from_bundle with the same arguments.
-def VoiceEngine(bundle: Bundle, providers: tuple[str, ...] = ("cpu",), threads: int = 0, *,  # noqa: N802
-                backend: str | Backend = "onnxruntime", engines: str | None = None,
-                cuda_graphs: bool = True) -> Engine:
-    return Engine.from_bundle(bundle, providers, threads, backend=backend, engines=engines, cuda_graphs=cuda_graphs)
-
-
-def elapsed(t0: float) -> float:
-    return time.perf_counter() - t0
+        return self._oneshot

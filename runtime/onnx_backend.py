@@ -189,7 +189,7 @@ def session_providers(providers: Sequence[str], manifest: dict, graph_name: str,
 
 class OnnxRuntimeBackend:
     """The onnxruntime backend: one session per bundle graph, on the providers asked for (CPU, CUDA EP,
-    TensorRT EP). Sessions and caches are created once; VoiceEngine asks for each graph by name."""
+    TensorRT EP). Sessions and caches are created once; the Engine asks for each graph by name."""
 
     name = "onnxruntime"
 

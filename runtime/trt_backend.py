@@ -412,7 +412,7 @@ class TensorRTBackend:
             self.shared_scratch = self.allocate(max(e.engine.device_memory_size_v2 for e in self.engines.values()),
                                                 "scratch")
 
-    # -- what VoiceEngine asks for ---------------------------------------------------------------------
+    # -- what the Engine asks for ---------------------------------------------------------------------
     def graph(self, name: str) -> TrtGraph:
         return TrtGraph(self, self._engine(name), [o["name"] for o in self.bundle.graph(name)["outputs"]])
 

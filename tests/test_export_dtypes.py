@@ -67,9 +67,9 @@ def test_fp16_bundle_answers_a_turn(low_precision_bundle) -> None:
     if dtype != "fp16":
         pytest.skip("onnxruntime CPU has no bf16 kernels: bf16 bundles are for GPUs")
     from opens2s_edge.runtime.bundle import load_bundle
-    from opens2s_edge.runtime.engine import TurnOptions, VoiceEngine
+    from opens2s_edge.runtime.engine import Engine, TurnOptions
 
-    engine = VoiceEngine(load_bundle(bundle))
+    engine = Engine.from_bundle(load_bundle(bundle))
     wav = (np.random.default_rng(0).standard_normal(16000) * 0.1).astype(np.float32)
     done = list(engine.turn(wav, TurnOptions(greedy=True, max_text_tokens=6, max_speech_tokens=24)))[-1]
     assert done.text_ids and done.speech_ids

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from opens2s_edge.runtime.bundle import load_bundle
-from opens2s_edge.runtime.engine import TurnDone, TurnOptions, VoiceEngine
+from opens2s_edge.runtime.engine import Engine, TurnDone, TurnOptions
 from opens2s_edge.training.checkpoint import load_checkpoint, read_generation_defaults, save_checkpoint
 from opens2s_edge.training.generate import GenerationOptions, Generator
 from opens2s_edge.training.opens2s import OpenS2S, OpenS2SConfig
@@ -94,7 +94,7 @@ def test_pytorch_and_runtime_agree_on_the_variant(variant: Path, long_wav: np.nd
     write_random_decoder(decoder, "tiny", seed=1)
     bundle = export_bundle(variant, decoder, tmp_path / "bundle", max_context=256, max_audio_seconds=60,
                            progress=lambda _: None)
-    engine = VoiceEngine(load_bundle(bundle))
+    engine = Engine.from_bundle(load_bundle(bundle))
     generator = Generator(variant)
     for options in (dict(greedy=True), dict(seed=4), dict(greedy=True, reference_sampling=True)):
         done = list(engine.turn(long_wav, TurnOptions(**options)))[-1]

@@ -14,7 +14,7 @@ import soundfile as sf
 
 from opens2s_edge.runtime.audio import load_wav
 from opens2s_edge.runtime.bundle import load_bundle
-from opens2s_edge.runtime.engine import AudioChunk, TextDelta, TurnDone, TurnOptions, VoiceEngine
+from opens2s_edge.runtime.engine import AudioChunk, Engine, TextDelta, TurnDone, TurnOptions
 from opens2s_edge.runtime.token2wav_stream import StreamConfig
 from opens2s_edge.training.generate import GenerationOptions, Generator
 from opens2s_edge.training.token2wav.decoder import load_decoder
@@ -25,19 +25,19 @@ HELLO = REPO / "opens2s_edge" / "assets" / "hello.wav"
 NO_TORCH = "import sys; sys.modules['torch'] = None; "
 
 
-def _turn(engine: VoiceEngine, wav: np.ndarray, options: TurnOptions) -> tuple[list, TurnDone]:
+def _turn(engine: Engine, wav: np.ndarray, options: TurnOptions) -> tuple[list, TurnDone]:
     events = list(engine.turn(wav, options))
     assert isinstance(events[-1], TurnDone)
     return events, events[-1]
 
 
 @pytest.fixture(scope="module")
-def golden_engine(golden_bundle: Path) -> VoiceEngine:
-    return VoiceEngine(load_bundle(golden_bundle))
+def golden_engine(golden_bundle: Path) -> Engine:
+    return Engine.from_bundle(load_bundle(golden_bundle))
 
 
 @pytest.mark.parametrize("name", ["u1", "u2"])
-def test_golden_ids_on_the_runtime(golden_engine: VoiceEngine, golden_opens2s: Path, name: str) -> None:
+def test_golden_ids_on_the_runtime(golden_engine: Engine, golden_opens2s: Path, name: str) -> None:
     golden = np.load(golden_opens2s / "golden.npz")
     _, done = _turn(golden_engine, load_wav(golden_opens2s / f"{name}.wav"),
                     TurnOptions(greedy=True, reference_sampling=True, max_text_tokens=24, max_speech_tokens=96))
@@ -49,7 +49,7 @@ def test_golden_ids_on_the_runtime(golden_engine: VoiceEngine, golden_opens2s: P
 @pytest.mark.parametrize("options", [dict(greedy=True), dict(seed=5, max_text_tokens=16, max_speech_tokens=64)])
 def test_tiny_default_matches_the_pytorch_pipeline(tiny_bundle: Path, tiny_default: Path, options: dict) -> None:
     wav = load_wav(HELLO)
-    ours = _turn(VoiceEngine(load_bundle(tiny_bundle)), wav, TurnOptions(**options))[1]
+    ours = _turn(Engine.from_bundle(load_bundle(tiny_bundle)), wav, TurnOptions(**options))[1]
     reference = Generator(tiny_default / "checkpoint")(wav, GenerationOptions(**options))
     assert ours.text_ids == reference.text_ids
     assert ours.speech_ids == reference.speech_ids
@@ -57,7 +57,7 @@ def test_tiny_default_matches_the_pytorch_pipeline(tiny_bundle: Path, tiny_defau
     assert len(ours.speech_ids) > 10
 
 
-def test_reply_audio_matches_pytorch_streaming_token2wav(golden_engine: VoiceEngine, golden_root: Path) -> None:
+def test_reply_audio_matches_pytorch_streaming_token2wav(golden_engine: Engine, golden_root: Path) -> None:
     config = StreamConfig()
     _, done = _turn(golden_engine, load_wav(golden_root / "opens2s_tiny" / "u1.wav"),
                     TurnOptions(greedy=True, stream=config))
@@ -70,7 +70,7 @@ def test_reply_audio_matches_pytorch_streaming_token2wav(golden_engine: VoiceEng
     assert np.abs(done.audio - reference).max() <= 1e-3
 
 
-def test_streaming_really_streams(golden_engine: VoiceEngine, golden_opens2s: Path) -> None:
+def test_streaming_really_streams(golden_engine: Engine, golden_opens2s: Path) -> None:
     # u2 runs its whole 24-token text budget, so text is still streaming when the first audio is out.
     events, done = _turn(golden_engine, load_wav(golden_opens2s / "u2.wav"),
                          TurnOptions(greedy=True, max_text_tokens=24))
@@ -87,10 +87,10 @@ def test_streaming_really_streams(golden_engine: VoiceEngine, golden_opens2s: Pa
 def test_two_turns_equal_two_fresh_runtimes(tiny_bundle: Path) -> None:
     first, second = load_wav(HELLO), np.sin(np.linspace(0, 2000, 40000)).astype(np.float32) * 0.2
     options = TurnOptions(seed=11, max_text_tokens=12, max_speech_tokens=48)
-    engine = VoiceEngine(load_bundle(tiny_bundle))
+    engine = Engine.from_bundle(load_bundle(tiny_bundle))
     a, b = _turn(engine, first, options)[1], _turn(engine, second, options)[1]
-    fresh_b = _turn(VoiceEngine(load_bundle(tiny_bundle)), second, options)[1]
-    fresh_a = _turn(VoiceEngine(load_bundle(tiny_bundle)), first, options)[1]
+    fresh_b = _turn(Engine.from_bundle(load_bundle(tiny_bundle)), second, options)[1]
+    fresh_a = _turn(Engine.from_bundle(load_bundle(tiny_bundle)), first, options)[1]
     assert a.to_json()["speech_ids"] == fresh_a.to_json()["speech_ids"] and a.text_ids == fresh_a.text_ids
     assert b.text_ids == fresh_b.text_ids and b.speech_ids == fresh_b.speech_ids
     np.testing.assert_array_equal(b.audio, fresh_b.audio)
@@ -101,7 +101,7 @@ def test_context_limit_is_a_clear_stop(tiny_default: Path, tmp_path: Path) -> No
 
     bundle = export_bundle(tiny_default / "checkpoint", tiny_default / "decoder", tmp_path / "b", max_context=64,
                            progress=lambda _: None)
-    _, done = _turn(VoiceEngine(load_bundle(bundle)), load_wav(HELLO), TurnOptions(max_text_tokens=200))
+    _, done = _turn(Engine.from_bundle(load_bundle(bundle)), load_wav(HELLO), TurnOptions(max_text_tokens=200))
     assert done.stopped == "context"
     assert len(done.text_ids) > 0 and done.audio.size > 0
 

@@ -21,7 +21,7 @@ import pytest
 
 from opens2s_edge.runtime.audio import load_wav
 from opens2s_edge.runtime.bundle import load_bundle
-from opens2s_edge.runtime.engine import TurnDone, TurnOptions, VoiceEngine, make_backend
+from opens2s_edge.runtime.engine import Engine, TurnDone, TurnOptions, make_backend
 from opens2s_edge.runtime.onnx_backend import (
     BackendError,
     OrtDecoder,
@@ -39,7 +39,7 @@ NO_GPU_STACK = ("import sys; sys.modules['torch'] = None; sys.modules['tensorrt'
                 "sys.modules['cuda'] = None; ")
 
 
-def _turn(engine: VoiceEngine, options: TurnOptions) -> TurnDone:
+def _turn(engine: Engine, options: TurnOptions) -> TurnDone:
     done = list(engine.turn(load_wav(HELLO), options))[-1]
     assert isinstance(done, TurnDone)
     return done
@@ -49,7 +49,7 @@ def _turn(engine: VoiceEngine, options: TurnOptions) -> TurnDone:
 def test_tensorrt_backend_without_tensorrt_is_a_named_error(tiny_bundle: Path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # as on a machine without TensorRT
     with pytest.raises(BackendError, match="needs the tensorrt Python package.*install TensorRT 10"):
-        VoiceEngine(load_bundle(tiny_bundle), backend="tensorrt")
+        Engine.from_bundle(load_bundle(tiny_bundle), backend="tensorrt")
 
 
 def test_missing_cuda_python_is_a_named_error(monkeypatch) -> None:
@@ -193,16 +193,16 @@ def trt_bundle(gpu_stack: None, tiny_bundle: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trt_engine(trt_bundle: Path) -> VoiceEngine:
-    return VoiceEngine(load_bundle(trt_bundle), backend="tensorrt")
+def trt_engine(trt_bundle: Path) -> Engine:
+    return Engine.from_bundle(load_bundle(trt_bundle), backend="tensorrt")
 
 
 @pytest.fixture(scope="module")
-def cpu_engine(trt_bundle: Path) -> VoiceEngine:
-    return VoiceEngine(load_bundle(trt_bundle))
+def cpu_engine(trt_bundle: Path) -> Engine:
+    return Engine.from_bundle(load_bundle(trt_bundle))
 
 
-def test_tensorrt_turn_matches_onnxruntime_cpu(trt_engine: VoiceEngine, cpu_engine: VoiceEngine) -> None:
+def test_tensorrt_turn_matches_onnxruntime_cpu(trt_engine: Engine, cpu_engine: Engine) -> None:
     options = TurnOptions(greedy=True)
     ours, reference = _turn(trt_engine, options), _turn(cpu_engine, options)
     assert ours.text_ids == reference.text_ids
@@ -211,13 +211,14 @@ def test_tensorrt_turn_matches_onnxruntime_cpu(trt_engine: VoiceEngine, cpu_engi
     # Same tokens and seeded noise: the waveform differs by float rounding through 10 Euler steps and HiFT.
     error = ours.audio - reference.audio
     assert np.sqrt(np.mean(error**2)) < 0.05 * np.sqrt(np.mean(reference.audio**2))
-    assert trt_engine.llm.graph is not None and trt_engine.tts.graph is not None  # decode steps were replayed
+    # the decode steps were replayed as CUDA graphs
+    assert trt_engine.oneshot().llm.graph is not None and trt_engine.oneshot().tts.graph is not None
 
 
-def test_tensorrt_decoder_logits_within_tolerance(trt_engine: VoiceEngine, cpu_engine: VoiceEngine) -> None:
+def test_tensorrt_decoder_logits_within_tolerance(trt_engine: Engine, cpu_engine: Engine) -> None:
     tolerance = LOGIT_TOLERANCE[trt_engine.backend.engine_set.precision]
     for name in ("llm", "tts"):
-        ours, reference = getattr(trt_engine, name), getattr(cpu_engine, name)
+        ours, reference = getattr(trt_engine.oneshot(), name), getattr(cpu_engine.oneshot(), name)
         ids = list(range(3, 40))
         steps = [ids] + [[i] for i in (5, 7, 11, 13, 17, 19)]
         ours.reset()
@@ -230,10 +231,10 @@ def test_tensorrt_decoder_logits_within_tolerance(trt_engine: VoiceEngine, cpu_e
                 assert np.max(np.abs(a[key] - b[key]) / scale) < tolerance, (name, key, len(feed))
 
 
-def test_tensorrt_chunked_prefill_and_context_full(trt_engine: VoiceEngine, monkeypatch) -> None:
+def test_tensorrt_chunked_prefill_and_context_full(trt_engine: Engine, monkeypatch) -> None:
     from opens2s_edge.runtime.onnx_backend import ContextFull
 
-    decoder = trt_engine.llm
+    decoder = trt_engine.oneshot().llm
     embeds = decoder.embed(list(range(3, 30)))
     decoder.reset()
     whole = decoder.run(embeds)
@@ -248,15 +249,15 @@ def test_tensorrt_chunked_prefill_and_context_full(trt_engine: VoiceEngine, monk
     decoder.reset()
 
 
-def test_cuda_graph_decode_gives_the_same_tokens(trt_bundle: Path, trt_engine: VoiceEngine) -> None:
+def test_cuda_graph_decode_gives_the_same_tokens(trt_bundle: Path, trt_engine: Engine) -> None:
     options = TurnOptions(seed=3, max_text_tokens=16, max_speech_tokens=64)
-    plain = VoiceEngine(load_bundle(trt_bundle), backend="tensorrt", cuda_graphs=False)
+    plain = Engine.from_bundle(load_bundle(trt_bundle), backend="tensorrt", cuda_graphs=False)
     a, b = _turn(trt_engine, options), _turn(plain, options)
-    assert plain.llm.graph is None
+    assert plain.oneshot().llm.graph is None
     assert a.text_ids == b.text_ids and a.speech_ids == b.speech_ids
 
 
-def test_tensorrt_memory_is_reported(trt_engine: VoiceEngine) -> None:
+def test_tensorrt_memory_is_reported(trt_engine: Engine) -> None:
     m = trt_engine.bundle.manifest
     memory = trt_engine.backend.describe()["memory"]
     kv = sum(2 * m[part]["layers"] * m[part]["kv_heads"] * m[part]["max_context"] * m[part]["head_dim"] * 4
@@ -271,9 +272,9 @@ def test_onnxruntime_cuda_ep_turn_matches_cpu(tiny_bundle: Path) -> None:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu on a CUDA machine)")
     bundle = load_bundle(tiny_bundle)
-    cuda = VoiceEngine(bundle, ("cuda",))
-    assert cuda.llm.device == "cuda"
-    assert all(v.device_name().lower() == "cuda" for v in cuda.llm.cache_values.values())
+    cuda = Engine.from_bundle(bundle, ("cuda",))
+    assert cuda.oneshot().llm.device == "cuda"
+    assert all(v.device_name().lower() == "cuda" for v in cuda.oneshot().llm.cache_values.values())
     options = TurnOptions(greedy=True)
-    ours, reference = _turn(cuda, options), _turn(VoiceEngine(bundle), options)
+    ours, reference = _turn(cuda, options), _turn(Engine.from_bundle(bundle), options)
     assert ours.text_ids == reference.text_ids and ours.speech_ids == reference.speech_ids
