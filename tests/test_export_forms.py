@@ -173,12 +173,12 @@ def test_every_graph_passes_the_checks(bundles, form: str) -> None:
 
 def test_bundles_of_both_forms_answer_alike(bundles) -> None:
     from opens2s_edge.runtime.bundle import load_bundle
-    from opens2s_edge.runtime.engine import TurnOptions, VoiceEngine
+    from opens2s_edge.runtime.engine import Engine, TurnOptions
 
     wav = (np.random.default_rng(0).standard_normal(16000) * 0.1).astype(np.float32)
     done = {}
     for form in FORMS:
-        engine = VoiceEngine(load_bundle(bundles[form]))
+        engine = Engine.from_bundle(load_bundle(bundles[form]))
         done[form] = list(engine.turn(wav, TurnOptions(greedy=True, max_text_tokens=6, max_speech_tokens=16)))[-1]
     for form in FORMS[1:]:
         assert done["classic"].text_ids == done[form].text_ids, form
