@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("opens2s_edge.export.cli_inspect", "print a bundle's manifest"),
     "build": ("opens2s_edge.export.cli_build", "bundle ONNX graphs -> TensorRT engines"),
     "run": ("opens2s_edge.runtime.cli_run", "run one voice turn on a bundle (torch-free)"),
+    "chat": ("opens2s_edge.runtime.cli_chat", "a spoken conversation on a bundle (torch-free)"),
     "bench": ("opens2s_edge.benchmarks.cli_bench", "latency benchmark with peers and the roofline"),
 }
 
