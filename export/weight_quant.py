@@ -68,6 +68,20 @@ class WeightOptions:
                 "quantizer": QUANTIZER}
 
 
+def _quantizer_class() -> type:
+    """onnxruntime's quantizer, imported without its side effect: the module calls logging.basicConfig(level=INFO)
+    on import, which would turn on every library's INFO lines (onnx_ir's, one per initializer) for the rest of the
+    process. A handler on the root logger makes basicConfig a no-op; it is removed again after the import."""
+    guard = logging.NullHandler()
+    root = logging.getLogger()
+    root.addHandler(guard)
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    finally:
+        root.removeHandler(guard)
+    return MatMulNBitsQuantizer
+
+
 def _weight_of(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> onnx.TensorProto | None:
     init = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
     return init if init is not None and len(init.dims) == 2 else None
@@ -76,8 +90,7 @@ def _weight_of(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) 
 def quantize_graph(path: Path, options: WeightOptions) -> dict:
     """Quantize the MatMul weights of the graph at `path` (+ its .data) in place; returns the manifest record: the
     options, the MatMuls quantized and kept, the bytes of weights before and after."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
+    MatMulNBitsQuantizer = _quantizer_class()
     t0 = time.perf_counter()
     data = path.with_name(path.name + ".data")
     before = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
