@@ -128,7 +128,7 @@ def main(args: argparse.Namespace) -> int:
         n = 0
         for item in inputs:
             audio, text = (item, "") if isinstance(item, np.ndarray) else (None, item)
-            if text.startswith("/"):
+            if text.startswith("/") and not Path(text).is_file():  # a command, unless it names a file
                 command, _, rest = text.partition(" ")
                 if command == "/quit":
                     break

@@ -419,7 +419,8 @@ class Turn:
             while heard < len(speech_rounds) and spec.frames(heard + 1) * spec.hop <= delivered:
                 heard += 1
             last_round = speech_rounds[heard - 1] if heard else -1
-            kept = [t for t, r in zip(result.text_ids, text_rounds, strict=True) if r <= last_round]
+            # A token the schedule chose as the cancel arrived was never shown: zip stops at the ones that were.
+            kept = [t for t, r in zip(result.text_ids, text_rounds, strict=False) if r <= last_round]
             end = prompt_len + min(len(kept), state["fed"])
             if conv.llm.pos > end:
                 conv.llm.truncate(end)

@@ -99,7 +99,7 @@ class Endpointer:
         self._pending = np.zeros(0, np.float32)
         self._pos = 0  # samples the model has seen
         self.speaking = False
-        self._silence_from: int | None = None
+        self._last_speech = 0  # the end of the last window the model called speech
 
     def push(self, samples: np.ndarray) -> list[VadEvent]:
         c = self.config
@@ -112,17 +112,16 @@ class Endpointer:
             start = self._pos
             self._pos += WINDOW
             if p >= c.threshold:
-                self._silence_from = None
+                self._last_speech = self._pos
                 if not self.speaking:
                     self.speaking = True
                     events.append(VadEvent("speech_started", start))
             elif self.speaking and p < c.threshold - 0.15:
-                if self._silence_from is None:
-                    self._silence_from = start
-                if self._pos - self._silence_from >= silence_needed:
+                # Speech ended where the model was last sure of it; the falling edge (between the thresholds)
+                # is the model's own lag, not speech.
+                if self._pos - self._last_speech >= silence_needed:
                     self.speaking = False
-                    events.append(VadEvent("speech_stopped", self._silence_from))
-                    self._silence_from = None
+                    events.append(VadEvent("speech_stopped", self._last_speech))
         return events
 
     def flush(self) -> list[VadEvent]:
@@ -130,8 +129,7 @@ class Endpointer:
         if not self.speaking:
             return []
         self.speaking = False
-        end = self._silence_from if self._silence_from is not None else self._pos
-        return [VadEvent("speech_stopped", end)]
+        return [VadEvent("speech_stopped", self._last_speech)]
 
 
 def speech_segments(wav: np.ndarray, config: VadConfig | None = None) -> list[tuple[int, int]]:
