@@ -16,12 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from . import llm_peers, peers
+from . import llm_peers, ort_variants, peers
 from .harness import PeerFailed, machine_description, run_isolated, summarize
 from .roofline import DecoderShape, decode_bound, device_bandwidth, fraction_of_bound, memory_bandwidth
 
-TURN_PEERS = ("reference", "torch", "ort", "trt")
-ALL_PEERS = ("reference", "torch", "ort", "trt", "genai", "optimum")
+# ort-int4 / ort-int8: our runtime on copies of the bundle whose decoders' weights onnxruntime's quantizer made
+# int4 / int8 (benchmarks/ort_variants.py), in the turn and alone.
+TURN_PEERS = ("reference", "torch", "ort", "ort-int4", "ort-int8", "trt")
+ALL_PEERS = ("reference", "torch", "ort", "ort-int4", "ort-int8", "trt", "genai", "optimum")
 NEEDS_CHECKPOINT = ("reference", "torch", "genai", "optimum")
 # LLM-alone peers that run on the CPU whatever --providers says (their CPU packages): host-RAM bandwidth is their
 # floor even in a GPU run.
@@ -181,10 +183,16 @@ def _graph_weight_bytes(bundle: Path, manifest: dict, graph: str) -> int:
 
 def roofline(config: BenchConfig, manifest: dict, bandwidth: float, turn_stats: dict[str, dict],
              turn_raw: dict[str, dict], llm_alone: dict[str, dict], workload: Workload,
-             host_bandwidth: float | None = None) -> dict[str, Any]:
+             host_bandwidth: float | None = None, bundles: dict[str, str] | None = None,
+             genai_dirs: dict[str, str] | None = None) -> dict[str, Any]:
     """Bytes each decode step must read and the tokens/s bound, per decoder, with each peer's fraction of it.
     `bandwidth` is the memory the decoders read from (device memory in a GPU run); `host_bandwidth`, when given,
-    is the floor of the LLM-alone peers that stay on the CPU."""
+    is the floor of the LLM-alone peers that stay on the CPU. A peer whose bundle (`bundles`) or genai model folder
+    (`genai_dirs`) is known is held to the bytes it actually reads: its graph's weights as stored (int4/int8 blocks,
+    scales and zero points) plus the KV rows its attention reads (the filled rows in the gqa form and genai's graph,
+    all max_context rows in the fixed-shape forms)."""
+    bundles = bundles or {}
+    genai_dirs = genai_dirs or {}
     shapes = _decoder_shapes(config, manifest)
     weight_dtype = manifest.get("dtype", "fp32")
     host_bandwidth = host_bandwidth or bandwidth
@@ -220,22 +228,101 @@ def roofline(config: BenchConfig, manifest: dict, bandwidth: float, turn_stats: 
                  "graph_bound_tokens_per_s": bandwidth / (bound["weight_bytes"] + kv_full), "peers": {}}
         for peer, stats in turn_stats.items():
             achieved = _p50(stats.get(metric))
-            entry["peers"][peer] = {"tokens_per_s": achieved, "fraction": fraction_of_bound(achieved, bound)}
+            b = bound if peer not in bundles else _read_bytes(Path(bundles[peer]), graph, m, context, bandwidth)
+            entry["peers"][peer] = {"tokens_per_s": achieved, "fraction": fraction_of_bound(achieved, b),
+                                    "bytes_per_step": b["bytes_per_step"],
+                                    "bound_tokens_per_s": b["bound_tokens_per_s"]}
         if decoder == "llm":
             # The LLM alone runs at context P + N/2 on average: its own bound.
             ctx = workload.llm_prompt_tokens + workload.llm_new_tokens / 2
             for peer, res in llm_alone.items():
                 precision = res.get("precision", weight_dtype)
                 bw = host_bandwidth if peer.split("-")[0] in HOST_ONLY_PEERS else bandwidth
-                if shapes is not None:
+                if peer in bundles:
+                    b = _read_bytes(Path(bundles[peer]), "llm", m, ctx, bw)
+                elif peer in genai_dirs:
+                    b = _genai_bytes(Path(genai_dirs[peer]), m, ctx, bw)
+                elif shapes is not None:
                     b = decode_bound(shapes["llm"], ctx, precision, "fp32" if precision == "int4" else precision, bw)
                 else:
                     b = {**bound, "bound_tokens_per_s": bw / bound["bytes_per_step"]}
                 entry["peers"][f"alone:{peer}"] = {"tokens_per_s": res.get("decode_tok_s"), "context": ctx,
+                                                   "bytes_per_step": b["bytes_per_step"],
+                                                   "bytes_source": b.get("source", "nominal (parameters x dtype)"),
                                                    "bound_tokens_per_s": b["bound_tokens_per_s"],
                                                    "fraction": fraction_of_bound(res.get("decode_tok_s"), b)}
         result["decoders"][decoder] = entry
     return result
+
+
+def _read_bytes(bundle: Path, graph: str, shape: dict, context: float, bandwidth: float) -> dict[str, Any]:
+    """What one decode step of `bundle`'s `graph` reads: its stored weights and the KV rows its form reads."""
+    m = json.loads((bundle / "manifest.json").read_text())
+    entry = m["graphs"][graph]
+    rows = context if entry.get("form") == "gqa" else shape["max_context"]
+    kv = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * rows * (4 if entry["dtype"] == "fp32" else 2)
+    weights = ort_variants.graph_bytes(bundle, graph)
+    return {"weight_bytes": weights, "kv_bytes": int(kv), "bytes_per_step": int(weights + kv),
+            "bound_tokens_per_s": bandwidth / (weights + kv), "source": "graph files as stored + KV rows read"}
+
+
+def _genai_bytes(model_dir: Path, shape: dict, context: float, bandwidth: float) -> dict[str, Any]:
+    """onnxruntime-genai's model: its graph files as stored, and fp32 KV over the filled rows (GroupQueryAttention)."""
+    weights = sum(f.stat().st_size for f in model_dir.glob("model.onnx*"))
+    kv = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * context * 4
+    return {"weight_bytes": weights, "kv_bytes": int(kv), "bytes_per_step": int(weights + kv),
+            "bound_tokens_per_s": bandwidth / (weights + kv), "source": "genai graph files as stored + KV rows read"}
+
+
+# -- quantized variants and decode profiles -----------------------------------------------------------------------
+def _derive_variants(config: BenchConfig, base: dict, progress: Callable[[str], None],
+                     failed: dict[str, str]) -> dict[str, dict]:
+    """The bundles of the requested ort-int4 / ort-int8 peers, derived once (cached) in their own process."""
+    wanted = [p for p in config.peers if p in ort_variants.VARIANTS]
+    if not wanted:
+        return {}
+    progress(f"[bench] deriving {', '.join(wanted)} bundles (MatMulNBitsQuantizer on the LLM and TTS LM graphs)")
+    try:
+        paths = run_isolated(ort_variants.derive_variants, {**base, "variants": wanted,
+                                                            "cache_root": str(config.cache_root)})
+    except PeerFailed as exc:
+        for p in wanted:
+            failed[p] = str(exc)
+        return {}
+    return {p: {"bundle": paths[p], "variant_weights": ort_variants.VARIANTS[p]} for p in wanted}
+
+
+def _decode_profiles(config: BenchConfig, base: dict, variants: dict[str, dict], llm_alone: dict[str, dict],
+                     llm_config: dict, workload: Workload, progress: Callable[[str], None],
+                     failed: dict[str, str]) -> dict[str, Any]:
+    """onnxruntime's per-op profile of decode steps: our LLM and TTS LM graphs (each ort peer's bundle), and
+    onnxruntime-genai's graphs where that peer ran, in the same run."""
+    if set(config.providers) != {"cpu"}:
+        return {}  # the profiles below read CPU kernel times; a GPU run's nodes run asynchronously
+    jobs: list[tuple[str, Any, dict]] = []
+    bundles = {"ort": str(config.bundle), **{k: v["bundle"] for k, v in variants.items()}}
+    for peer, bundle in bundles.items():
+        if peer not in config.peers:
+            continue
+        for graph in ("llm", "tts_lm"):
+            jobs.append((f"{peer}:{graph}", ort_variants.decode_profile,
+                         {"bundle": bundle, "graph": graph, "threads": config.threads or 0,
+                          "prompt_tokens": workload.llm_prompt_tokens, "steps": 32}))
+    for label in llm_alone:
+        if label.startswith("genai-") and "cache" in llm_config:
+            model_dir = Path(llm_config["cache"]) / label
+            if (model_dir / "genai_config.json").is_file():
+                jobs.append((f"{label}:llm", ort_variants.genai_profile,
+                             {"model_dir": str(model_dir), "threads": config.threads or 0,
+                              "prompt_tokens": workload.llm_prompt_tokens, "steps": 32}))
+    out: dict[str, Any] = {}
+    for label, fn, job in jobs:
+        progress(f"[bench] onnxruntime profile of 32 decode steps, {label}")
+        try:
+            out[label] = run_isolated(fn, job)
+        except PeerFailed as exc:
+            failed[f"profile:{label}"] = str(exc)
+    return out
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
@@ -263,15 +350,21 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
     skipped: dict[str, str] = {}
     failed: dict[str, str] = {}
     turn_raw: dict[str, dict] = {}
+    variants = _derive_variants(config, base, progress, failed)
     for name in (p for p in TURN_PEERS if p in config.peers):
         if name in NEEDS_CHECKPOINT and (config.checkpoint is None or config.decoder is None):
             skipped[name] = ("needs the PyTorch checkpoint and decoder the bundle was exported from: pass "
                              "--checkpoint DIR --decoder DIR (the manifest's source folders are not on this machine)")
             continue
+        if name in ort_variants.VARIANTS and name not in variants:
+            continue  # its bundle could not be derived: recorded under failed
         progress(f"[bench] turn peer {name}: {workload.warmup} warm-up + {workload.runs} runs")
         t0 = time.perf_counter()
         try:
-            turn_raw[name] = run_isolated(peers.TURN_PEERS[name], base)
+            if name in variants:
+                turn_raw[name] = run_isolated(ort_variants.variant_turns, {**base, **variants[name]})
+            else:
+                turn_raw[name] = run_isolated(peers.TURN_PEERS[name], base)
         except PeerFailed as exc:
             reason = _skip_reason(exc)
             if reason is not None:
@@ -299,10 +392,15 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
         if name in NEEDS_CHECKPOINT and config.checkpoint is None:
             skipped[f"llm:{label}"] = "needs the checkpoint's LLM weights: pass --checkpoint DIR"
             continue
+        if name in ort_variants.VARIANTS and name not in variants:
+            continue
         progress(f"[bench] LLM decode alone, {label}: prompt {workload.llm_prompt_tokens}, "
                  f"{workload.llm_new_tokens} new tokens")
         try:
-            llm_alone[label] = run_isolated(llm_peers.LLM_PEERS[name], {**llm_config, **extra})
+            if name in variants:
+                llm_alone[label] = run_isolated(ort_variants.variant_llm, {**llm_config, **variants[name]})
+            else:
+                llm_alone[label] = run_isolated(llm_peers.LLM_PEERS[name], {**llm_config, **extra})
         except PeerFailed as exc:
             reason = _skip_reason(exc)
             if reason is not None:
@@ -312,6 +410,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
                 failed[f"llm:{label}"] = str(exc)
                 progress(f"[bench] {label} failed: {str(exc).splitlines()[0]}")
 
+    profiles = _decode_profiles(config, base, variants, llm_alone, llm_config, workload, progress, failed)
     progress(f"[bench] token2wav per-chunk cost over {workload.token2wav_tokens} tokens")
     t2w_config = {**base, "tokens": workload.token2wav_tokens,
                   "decoder": str(config.decoder) if config.decoder and ("torch" in config.peers
@@ -361,8 +460,12 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
         "llm_alone": {"prompt_tokens": workload.llm_prompt_tokens, "new_tokens": workload.llm_new_tokens,
                       "peers": llm_alone, "ratios": llm_ratios},
         "token2wav_chunks": token2wav,
+        "decode_profile": profiles,
         "roofline": roofline(config, manifest, bandwidth, turn_stats, turn_raw, llm_alone, workload,
-                             host_bandwidth),
+                             host_bandwidth,
+                             {"ort": str(config.bundle), **{k: v["bundle"] for k, v in variants.items()}},
+                             {label: str(Path(llm_config["cache"]) / label) for label in llm_alone
+                              if label.startswith("genai-") and "cache" in llm_config}),
         "skipped": skipped,
         "failed": failed,
     }

@@ -46,6 +46,29 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _profile_section(profiles: dict[str, Any]) -> list[str]:
+    """Where a decode step's time goes: onnxruntime's profile per graph (kernels, onnxruntime around them, our Python
+    loop), and the op mix, largest first."""
+    if not profiles:
+        return []
+    rows, ops = [], []
+    for label, p in profiles.items():
+        wall = p.get("wall_us")
+        python = p.get("python_us")
+        plain = p.get("wall_unprofiled_us")
+        rows.append([label, f"{p['context']:.0f}", "-" if plain is None else f"{plain:.0f}",
+                     "-" if wall is None else f"{wall:.0f}", f"{p['model_run_us']:.0f}",
+                     f"{p['kernels_us']:.0f}", f"{p['onnxruntime_overhead_us']:.0f}",
+                     "-" if python is None else f"{python:.0f} ({100 * python / wall:.1f}%)"])
+        top = list(p["ops"].items())[:6]
+        ops.append([label, "; ".join(f"{op} {v['us_per_step']:.0f} us x{v['nodes_per_step']:.0f} "
+                                     f"({100 * v['share']:.0f}%)" for op, v in top)])
+    return ["", "Where a decode step's time goes (onnxruntime's profile of 32 steps; us per step)",
+            _table(["graph", "context", "step", "profiled step", "model_run", "kernels", "ort overhead", "python loop"],
+                   rows),
+            _table(["graph", "largest ops (us per step, nodes per step, share of kernel time)"], ops)]
+
+
 def format_report(result: dict[str, Any]) -> str:
     out: list[str] = []
     m = result["machine"]
@@ -92,12 +115,14 @@ def format_report(result: dict[str, Any]) -> str:
         rows = []
         for p, r in alone["peers"].items():
             frac = roof.get(f"alone:{p}", {}).get("fraction")
+            read = roof.get(f"alone:{p}", {}).get("bytes_per_step")
             rows.append([p, r.get("precision", "-"), _cell(r.get("prefill_s"), 1e3, "{:.1f}"),
-                         _fmt(r.get("decode_tok_s"), 1.0, "{:.1f}"),
+                         _fmt(r.get("decode_tok_s"), 1.0, "{:.1f}"), "-" if read is None else f"{read / 2**20:.1f}",
                          "-" if frac is None else f"{100 * frac:.0f}%", f"{r['memory']['peak_rss_bytes'] / 2**20:.0f}"])
         out += ["", f"LLM decode alone: prompt {alone['prompt_tokens']} tokens, {alone['new_tokens']} greedy tokens "
                     "(decode = (N-1)/(T(N)-T(1)), p50 of runs)",
-                _table(["peer", "weights", "prefill ms", "decode tok/s", "of bound", "peak RSS MiB"], rows)]
+                _table(["peer", "weights", "prefill ms", "decode tok/s", "MiB read/step", "of bound", "peak RSS MiB"],
+                       rows)]
         dec = alone["ratios"]["decode_tok_s"]
         names = list(alone["peers"])
         if len(names) > 1:
@@ -113,13 +138,15 @@ def format_report(result: dict[str, Any]) -> str:
         for p, v in d["peers"].items():
             if p.startswith("alone:"):
                 continue
-            rows.append([name, p, f"{d['context']:.0f}", f"{d['bytes_per_step'] / 2**20:.1f}",
-                         f"{d['bound_tokens_per_s']:.0f}", _fmt(v["tokens_per_s"], 1.0, "{:.1f}"),
+            rows.append([name, p, f"{d['context']:.0f}", f"{v.get('bytes_per_step', d['bytes_per_step']) / 2**20:.1f}",
+                         f"{v.get('bound_tokens_per_s', d['bound_tokens_per_s']):.0f}",
+                         _fmt(v["tokens_per_s"], 1.0, "{:.1f}"),
                          "-" if v["fraction"] is None else f"{100 * v['fraction']:.0f}%"])
         rows.append([name, "(our graph reads the full cache)", str(result["config"]["max_context"]),
                      f"{(d['weight_bytes'] + d['graph_kv_bytes_read']) / 2**20:.1f}",
                      f"{d['graph_bound_tokens_per_s']:.0f}", "", ""])
     out.append(_table(["decoder", "peer", "context", "MiB/step", "bound tok/s", "achieved", "of bound"], rows))
+    out += _profile_section(result.get("decode_profile") or {})
     t2w = result.get("token2wav_chunks") or {}
     series = [k for k in ("ours_torch", "ours_ort", "reference_style_torch") if k in t2w]
     if series:
