@@ -54,7 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        # Ctrl-C while the subcommands' modules import is still an interrupt, not an ImportError traceback.
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     try:
         return int(args._module.main(args) or 0)
     except UserError as exc:

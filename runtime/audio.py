@@ -121,7 +121,35 @@ def read_audio_file(path: str | Path) -> tuple[np.ndarray, int]:
         raise AudioInputError(f"audio file {path} is corrupt or not a supported format (wav/flac/ogg): {exc}") from exc
     if data.shape[0] == 0:
         raise AudioInputError(f"audio file {path} holds no samples")
+    short = _wav_shortfall(path)
+    if short:
+        raise AudioInputError(f"audio file {path} is truncated: its header promises {short[0]} bytes of samples, "
+                              f"the file holds {short[1]} (an interrupted copy or recording?)")
     return data, int(rate)
+
+
+def _wav_shortfall(path: Path) -> tuple[int, int] | None:
+    """(promised, present) sample bytes of a RIFF/WAVE file whose data chunk is cut short, else None. libsndfile
+    reads what is there without a word, so the header is checked here."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+            size = f.seek(0, 2)
+    except OSError:
+        return None
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos = 12
+    while pos + 8 <= len(head):
+        chunk, length = head[pos:pos + 4], struct.unpack("<I", head[pos + 4:pos + 8])[0]
+        if chunk == b"data":
+            present = size - (pos + 8)
+            # 0 and 0xFFFFFFFF mark a stream whose length was never written back: nothing promised.
+            return (length, present) if 0 < length < 0xFFFFFFFF and present < length else None
+        pos += 8 + length + (length & 1)
+    return None
 
 
 def load_wav(path: str | Path, expected_rate: int = SAMPLE_RATE, strict: bool = False) -> np.ndarray:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from . import cli_args
 from .decoding import add_decode_arguments, decode_options_from_args
 
 
@@ -35,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--silence-ms", type=int, default=700, help="silence that ends a spoken turn, ms (700)")
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
     p.add_argument("--provider", action="append", choices=["cpu", "cuda", "tensorrt"], default=None)
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    p.add_argument("--threads", type=cli_args.threads, default=0, help="onnxruntime intra-op threads (0: its default)")
     add_decode_arguments(p)
 
 
@@ -88,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
     from .conversation import ConversationError
     from .decoder import ContextFull
     from .engine import AudioChunk, Engine, HistoryTrimmed, TextDelta, TurnDone, TurnOptions
-    from .files import atomic_file
+    from .files import check_audio_output, write_audio
     from .onnx_backend import BackendError
     from .prompt import MessageError
 
@@ -101,7 +102,7 @@ def main(args: argparse.Namespace) -> int:
             except (OSError, ValueError) as exc:
                 raise UserError(f"--speaker {args.speaker}: not a readable .npy array ({exc})") from exc
         if args.out_dir is not None:
-            args.out_dir.mkdir(parents=True, exist_ok=True)
+            check_audio_output(args.out_dir / "reply_001.wav", "--out-dir")
         engine = Engine.from_bundle(load_bundle(args.bundle), tuple(args.provider or ["cpu"]), args.threads,
                                     backend=args.backend)
         conv = engine.conversation(args.system, speaker)
@@ -175,11 +176,10 @@ def main(args: argparse.Namespace) -> int:
             assert done is not None
             n += 1
             if args.out_dir is not None and done.audio.size:
-                import soundfile as sf
-
-                path = args.out_dir / f"reply_{n:03d}.wav"
-                with atomic_file(path) as tmp:
-                    sf.write(tmp, done.audio, done.sample_rate, subtype="PCM_16")
+                try:
+                    write_audio(args.out_dir / f"reply_{n:03d}.wav", done.audio, done.sample_rate)
+                except OSError as exc:  # the disk filled up: say so and go on with the conversation
+                    print(f"[chat] reply {n} not written: {exc}", file=sys.stderr)
             if args.json:
                 print(json.dumps(done.to_json()), flush=True)
             else:

@@ -9,8 +9,9 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+from . import cli_args
 from .decoding import add_decode_arguments, decode_options_from_args
-from .files import atomic_file
+from .files import check_audio_output, write_audio
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,17 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default: the one built for this GPU and TensorRT")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="--backend tensorrt: launch every decode step instead of replaying a captured CUDA graph")
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = onnxruntime default)")
+    p.add_argument("--threads", type=cli_args.threads, default=0, help="intra-op threads (0 = onnxruntime default)")
     p.add_argument("--json", action="store_true",
                    help="print {text, text_ids, speech_ids, speech_units, latency} instead of streaming text")
-
-
-def write_wav_atomic(path: Path, audio, sample_rate: int) -> None:
-    """Write to a temporary file beside `path`, then rename: no half-written reply is ever left."""
-    import soundfile as sf
-
-    with atomic_file(path) as tmp:
-        sf.write(tmp, audio, sample_rate, subtype="PCM_16")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -56,6 +49,8 @@ def main(args: argparse.Namespace) -> int:
     if args.out is None and not args.play:
         raise UserError("say where the reply goes: --out FILE.wav and/or --play")
     try:
+        if args.out is not None:
+            check_audio_output(args.out)
         if args.mic is not None:
             print(f"[mic] recording {args.mic:g} s ...", file=sys.stderr, flush=True)
             wav = record(args.mic)
@@ -89,7 +84,10 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from exc
     assert done is not None
     if args.out is not None:
-        write_wav_atomic(args.out, done.audio, done.sample_rate)
+        try:
+            write_audio(args.out, done.audio, done.sample_rate)
+        except OSError as exc:  # the disk filled up meanwhile: nothing half-written is left
+            raise UserError(f"--out {args.out}: the reply could not be written: {exc}") from exc
     lat = done.latency
     if args.json:
         json.dump(done.to_json(), sys.stdout)

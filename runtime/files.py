@@ -10,6 +10,45 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _as_created(path: Path, mode: int) -> None:
+    """mkstemp/mkdtemp make private (0600/0700) entries; what we write is meant to be read as any file the user
+    creates is, so it gets the mode the user's umask gives."""
+    os.chmod(path, mode & ~_umask())
+
+
+PARTIAL = ".partial"
+
+
+def _remove_stale_partials(path: Path) -> None:
+    """Partial folders of an earlier run for `path` whose writer is gone (killed, power lost) are removed; the
+    writer's pid is in the folder's name (`.NAME.partial.PID.XXXX`)."""
+    for stale in path.parent.glob(f".{path.name}{PARTIAL}.*"):
+        try:
+            pid = int(stale.name[len(f".{path.name}{PARTIAL}."):].split(".")[0])
+        except ValueError:
+            continue  # not one of ours: left alone
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
 
 @contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
@@ -17,11 +56,12 @@ def atomic_file(path: Path) -> Iterator[Path]:
     `path` when the block succeeds and is removed when it fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".partial{path.suffix}")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f"{PARTIAL}{path.suffix}")
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
+        _as_created(tmp, 0o666)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -31,18 +71,63 @@ def atomic_file(path: Path) -> Iterator[Path]:
 @contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
     """A temporary folder beside `path` that replaces it (and anything there) when the block succeeds; on
-    failure or interruption it is removed and `path` is left as it was."""
+    failure or interruption it is removed and `path` is left as it was. A folder left by a killed earlier run
+    is removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial.", dir=path.parent))
+    _remove_stale_partials(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{PARTIAL}.{os.getpid()}.", dir=path.parent))
     try:
         yield tmp
+        for sub in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+            _as_created(sub, 0o777)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _as_created(f, 0o666)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+AUDIO_SUFFIXES = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG"}
+
+
+def check_audio_output(path: Path, option: str = "--out", sample_rate: int = 22050) -> Path:
+    """Before any work: `path` can take a 16-bit audio file (a known extension, not a folder, a writable place).
+    A tiny file of the same kind is written beside it and removed, so permission and format are known now."""
+    import soundfile as sf
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; expected a file name ending in "
+                         f"{', '.join(AUDIO_SUFFIXES)}")
+    fmt = AUDIO_SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{option} {path}: cannot write {path.suffix or 'a file without an extension'}; "
+                         f"expected {', '.join(AUDIO_SUFFIXES)}")
+    probe = path.parent / f".{path.stem}.check.{os.getpid()}{path.suffix}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(probe, np.zeros(8, np.float32), sample_rate, format=fmt,
+                 subtype="VORBIS" if fmt == "OGG" else "PCM_16")
+    except (OSError, sf.LibsndfileError, RuntimeError) as exc:
+        raise ValueError(f"{option} {path} cannot be written: {exc}") from None
+    finally:
+        probe.unlink(missing_ok=True)
+    return path
+
+
+def write_audio(path: Path, audio: np.ndarray, sample_rate: int) -> None:
+    """16-bit audio (Vorbis for .ogg), written beside `path` and renamed: no half-written file is ever left."""
+    import soundfile as sf
+
+    fmt = AUDIO_SUFFIXES.get(Path(path).suffix.lower(), "WAV")
+    with atomic_file(Path(path)) as tmp:
+        sf.write(tmp, np.clip(np.asarray(audio, np.float32), -1.0, 1.0), sample_rate, format=fmt,
+                 subtype="VORBIS" if fmt == "OGG" else "PCM_16")
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -50,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from opens2s_edge.cli import UserError
     from opens2s_edge.runtime.audio import AudioInputError, load_wav
+    from opens2s_edge.runtime.files import check_audio_output, write_audio
     from opens2s_edge.runtime.prompt import TokenizerError
     from opens2s_edge.runtime.token2wav_stream import Token2WavError
 
@@ -62,6 +63,8 @@ def main(args: argparse.Namespace) -> int:
     if args.max_context < 2:
         raise UserError(f"--max-context must be at least 2, got {args.max_context}")
     try:
+        if args.out is not None:
+            check_audio_output(args.out)
         wav = load_wav(args.audio, read_frontend(args.checkpoint).sample_rate)
         generator = Generator(args.checkpoint, dtype=args.dtype, max_context=args.max_context, device=args.device,
                               cuda_graphs=args.cuda_graphs, compile=args.compile, decoder=args.decoder,
@@ -76,9 +79,10 @@ def main(args: argparse.Namespace) -> int:
     options = decode_options_from_args(args)
     result = generator(wav, options)
     if args.out is not None:
-        from .token2wav.cli import write_wav
-
-        write_wav(args.out, result.audio, result.sample_rate)
+        try:
+            write_audio(args.out, result.audio, result.sample_rate)
+        except OSError as exc:  # the disk filled up meanwhile: nothing half-written is left
+            raise UserError(f"--out {args.out}: the reply could not be written: {exc}") from exc
     if args.json:
         json.dump(result.to_json(), sys.stdout)
         sys.stdout.write("\n")

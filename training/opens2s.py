@@ -7,7 +7,9 @@ Attribute names are the released checkpoint's prefixes (`audio_encoder_model.`, 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,20 +40,33 @@ class OpenS2SConfig:
             if key not in d:
                 raise ValueError(f"config.json has no {key!r}: not an OpenS2S (omnispeech) config")
         llm_raw, tts_raw = d["llm_config"], d["tts_lm_config"]
-        for name, sub in (("llm_config", llm_raw), ("tts_lm_config", tts_raw)):
-            if sub.get("model_type", "qwen3") != "qwen3":
+        for name, sub in (("llm_config", llm_raw), ("tts_lm_config", tts_raw), ("audio_encoder_config",
+                                                                               d["audio_encoder_config"])):
+            if not isinstance(sub, dict):
+                raise ValueError(f"config.json {name} must be an object, got {type(sub).__name__}")
+            if name != "audio_encoder_config" and sub.get("model_type", "qwen3") != "qwen3":
                 raise ValueError(f"{name}.model_type {sub.get('model_type')!r} is not supported (qwen3 only)")
-        llm = Qwen3Config.from_dict(llm_raw)
-        tts = Qwen3Config.from_dict(tts_raw, speaker_dim=SPEAKER_DIM)
+        llm = _section("llm_config", lambda: Qwen3Config.from_dict(llm_raw))
+        tts = _section("tts_lm_config", lambda: Qwen3Config.from_dict(tts_raw, speaker_dim=SPEAKER_DIM))
         return cls(
             raw=copy.deepcopy(d),
-            audio=AudioEncoderConfig.from_dict(d["audio_encoder_config"]),
+            audio=_section("audio_encoder_config", lambda: AudioEncoderConfig.from_dict(d["audio_encoder_config"])),
             llm=llm,
             tts=tts,
             adapter_inner_dim=int(d.get("adapter_inner_dim", 512)),
             conv_kernel_sizes=[int(k) for k in str(d.get("conv_kernel_sizes", "5,5,5")).split(",")],
             interleave_strategy=_strategy(d.get("interleave_strategy", "1:2")),
         )
+
+
+def _section(name: str, build: Callable[[], Any]) -> Any:
+    """A sub-config, with a missing or mistyped field named as `name.field`."""
+    try:
+        return build()
+    except KeyError as exc:
+        raise ValueError(f"config.json {name} lacks the field {exc.args[0]!r}") from None
+    except TypeError as exc:
+        raise ValueError(f"config.json {name}: {exc}") from None
 
 
 def _strategy(value: object) -> str:

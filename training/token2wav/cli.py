@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import re
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
 
 from opens2s_edge.cli import UserError
-from opens2s_edge.runtime.files import atomic_file
+from opens2s_edge.runtime.files import check_audio_output, write_audio
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,8 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_tokens(spec: str) -> np.ndarray:
     """Token ids from a list literal or a file; UserError names the input on anything else."""
     path = Path(spec)
-    source = f"--tokens {spec!r}"
-    if path.suffix == ".npy" or path.is_file():
+    source = f"--tokens {spec[:60]!r}" + ("..." if len(spec) > 60 else "")
+    try:
+        is_file = path.is_file()
+    except OSError:  # a pasted list longer than a file name may be: it is a list
+        is_file = False
+    if path.suffix == ".npy" or is_file:
         if not path.is_file():
             raise UserError(f"{source}: file not found")
         if path.suffix == ".npy":
@@ -41,7 +44,9 @@ def parse_tokens(spec: str) -> np.ndarray:
                 raise UserError(f"{source}: not a readable .npy array ({exc})") from exc
             if not np.issubdtype(arr.dtype, np.integer):
                 raise UserError(f"{source}: expected an integer array, got dtype {arr.dtype}")
-            return arr.reshape(-1).astype(np.int64)
+            if arr.ndim != 1:
+                raise UserError(f"{source}: expected a 1-D array of token ids, got shape {arr.shape}")
+            return arr.astype(np.int64)
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -58,22 +63,16 @@ def parse_tokens(spec: str) -> np.ndarray:
     return np.array([int(w) for w in words], dtype=np.int64)
 
 
-def write_wav(path: Path, wav: np.ndarray, sample_rate: int) -> None:
-    """16-bit PCM mono, written to a temp file beside the target and renamed (never a half-written file)."""
-    pcm = (np.clip(wav, -1.0, 1.0) * 32767.0).round().astype("<i2")
-    with atomic_file(path) as tmp, wave.open(str(tmp), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sample_rate)
-        w.writeframes(pcm.tobytes())
-
-
 def main(args: argparse.Namespace) -> int:
     from opens2s_edge.runtime.token2wav_stream import InvalidTokensError, StreamConfig, Token2WavError
 
     from .decoder import load_decoder
 
     tokens = parse_tokens(args.tokens)
+    try:
+        check_audio_output(args.out)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
     try:
         decoder = load_decoder(args.decoder)
         start = time.perf_counter()
@@ -100,7 +99,10 @@ def main(args: argparse.Namespace) -> int:
     except Token2WavError as exc:
         raise UserError(str(exc)) from exc
     elapsed = time.perf_counter() - start
-    write_wav(args.out, wav, decoder.sample_rate)
+    try:
+        write_audio(args.out, wav, decoder.sample_rate)
+    except OSError as exc:  # the disk filled up meanwhile: nothing half-written is left
+        raise UserError(f"--out {args.out}: the audio could not be written: {exc}") from exc
     seconds = len(wav) / decoder.sample_rate
     print(
         f"{args.out}: {len(tokens)} tokens -> {len(wav)} samples ({seconds:.2f} s at {decoder.sample_rate} Hz) "
