@@ -24,6 +24,11 @@ def main(args: argparse.Namespace) -> int:
     except BundleError as exc:
         raise UserError(str(exc)) from exc
     m = bundle.manifest
+    if "llm" in m:
+        try:
+            bundle.spec  # an OpenS2S bundle: its whole schema checked, a malformed field named
+        except BundleError as exc:
+            raise UserError(str(exc)) from exc
 
     def fields(section: object) -> str:
         if isinstance(section, dict):

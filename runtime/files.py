@@ -116,7 +116,10 @@ def check_audio_output(path: Path, option: str = "--out", sample_rate: int = 220
     except (OSError, sf.LibsndfileError, RuntimeError) as exc:
         raise ValueError(f"{option} {path} cannot be written: {exc}") from None
     finally:
-        probe.unlink(missing_ok=True)
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass  # the probe was never made (no such folder): nothing to remove
     return path
 
 
@@ -125,9 +128,12 @@ def write_audio(path: Path, audio: np.ndarray, sample_rate: int) -> None:
     import soundfile as sf
 
     fmt = AUDIO_SUFFIXES.get(Path(path).suffix.lower(), "WAV")
-    with atomic_file(Path(path)) as tmp:
-        sf.write(tmp, np.clip(np.asarray(audio, np.float32), -1.0, 1.0), sample_rate, format=fmt,
-                 subtype="VORBIS" if fmt == "OGG" else "PCM_16")
+    try:
+        with atomic_file(Path(path)) as tmp:
+            sf.write(tmp, np.clip(np.asarray(audio, np.float32), -1.0, 1.0), sample_rate, format=fmt,
+                     subtype="VORBIS" if fmt == "OGG" else "PCM_16")
+    except (sf.LibsndfileError, RuntimeError) as exc:  # libsndfile's own report of a failed write (disk full)
+        raise OSError(str(exc)) from None
 
 
 def write_text_atomic(path: Path, text: str) -> None:
