@@ -26,7 +26,7 @@ def main(args: argparse.Namespace) -> int:
     m = bundle.manifest
     if "llm" in m:
         try:
-            bundle.spec  # an OpenS2S bundle: its whole schema checked, a malformed field named
+            _ = bundle.spec  # an OpenS2S bundle: its whole schema checked, a malformed field named
         except BundleError as exc:
             raise UserError(str(exc)) from exc
 
