@@ -106,6 +106,13 @@ class Conversation:
         self._speaker_input = self.engine.speaker_input(speaker)
         self.speaker = speaker
 
+    def add_message(self, message: dict) -> None:
+        """Append one message in the reference worker's format to the history without answering it (a client that
+        sends several user items before asking for a reply, or seeds earlier assistant turns)."""
+        if self.current is not None and not self.current.finished:
+            raise ConversationError("a turn of this conversation is still running: finish or cancel it first")
+        self.history.append(self._message(message, len(self.history)))
+
     def messages(self) -> list[dict]:
         """The history in the reference worker's format (audio items as `{"audio": True}`)."""
         return [{"role": m.role, "content": m.content()} for m in self.history]
@@ -230,7 +237,15 @@ class Turn:
         return self
 
     def __next__(self) -> Any:
-        return next(self._events)
+        try:
+            return next(self._events)
+        except StopIteration:
+            raise
+        except Exception:
+            # A turn that failed (a backend error, the prompt alone over the context) is over: the conversation takes
+            # the next one; the failed user message is not kept in the history.
+            self.finished = True
+            raise
 
     def cancel(self, delivered_samples: int | None = None) -> TurnDone | None:
         """Barge-in: stop now and keep in the history only what was heard. Returns the final TurnDone."""
