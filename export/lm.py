@@ -147,14 +147,14 @@ class _GroupQueryAttention(torch.autograd.Function):
         qt = qwen3.apply_rope(q.transpose(1, 2), cos, sin)
         kt = qwen3.apply_rope(k.transpose(1, 2), cos, sin)
         present_k = qwen3.scatter_rows(past_k, kt, pos)
-        present_v = qwen3.scatter_rows(past_v, v.transpose(1, 2), pos)
+        present_v = qwen3.scatter_rows(past_v, qwen3.split_heads(v, kv_heads, head_dim).transpose(1, 2), pos)
         mask = pos[:, None] >= torch.arange(past_k.shape[2], device=pos.device)[None, :]
         b, h, t, d = qt.shape
         kv = past_k.shape[1]
         group = h // kv
         y = torch.nn.functional.scaled_dot_product_attention(
             qt.reshape(b, kv, group * t, d), present_k, present_v, attn_mask=mask.repeat(group, 1), scale=scale)
-        return y.reshape(b, h, t, d).transpose(1, 2), present_k, present_v
+        return y.reshape(b, h, t, d).transpose(1, 2).flatten(-2), present_k, present_v
 
     @staticmethod
     def symbolic(g, q, k, v, past_k, past_v, pos, cos_table, sin_table, heads, kv_heads, head_dim, scale):
@@ -174,13 +174,13 @@ class _GroupQueryAttention(torch.autograd.Function):
             halves.append(half)
         y, present_k, present_v = g.op(
             f"{MICROSOFT}::GroupQueryAttention", g.op("Reshape", q, flat), g.op("Reshape", k, flat),
-            g.op("Reshape", v, flat), past_k, past_v, seqlens_k, total, *halves,
+            v, past_k, past_v, seqlens_k, total, *halves,
             num_heads_i=heads, kv_num_heads_i=kv_heads, scale_f=scale, do_rotary_i=1, rotary_interleaved_i=0,
             outputs=3)
         present_k.setType(past_k.type())
         present_v.setType(past_v.type())
-        y = g.op("Reshape", y, _const(g, [0, 0, heads, head_dim]))
-        y.setType(q.type())
+        rows = q.type().varyingSizes()[:2]
+        y.setType(q.type().with_sizes([*rows, heads * head_dim]))
         return y, present_k, present_v
 
 
@@ -261,16 +261,6 @@ class _SplitHeads(torch.autograd.Function):
         return g.op("Reshape", x, _const(g, [0, -1, heads, head_dim]))
 
 
-class _MergeHeads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # noqa: ARG004
-        return qwen3.merge_heads(x)
-
-    @staticmethod
-    def symbolic(g, x):
-        return g.op("Reshape", x, _const(g, [0, 0, -1]))
-
-
 # -- the op sets ----------------------------------------------------------------------------------------------------
 def form_ops(form: str, config: qwen3.Qwen3Config) -> qwen3.Qwen3Ops:
     """The primitive set that traces `config`'s decoder in `form` (the config fixes head counts and the attention
@@ -284,8 +274,8 @@ def form_ops(form: str, config: qwen3.Qwen3Config) -> qwen3.Qwen3Ops:
                               write_cache=_TensorScatter.apply, name="onnx-modern")
     # Constant-shape head reshapes too: at int4 a step is a few milliseconds, and the shape subgraphs of traced
     # views were a measurable share of it (benchmarks/RESULTS.md).
-    return qwen3.Qwen3Ops(fused_attention=_gqa_fused(config), split_heads=_SplitHeads.apply,
-                          merge_heads=_MergeHeads.apply, name="onnx-gqa", reads_filled_rows=True)
+    return qwen3.Qwen3Ops(fused_attention=_gqa_fused(config), split_heads=_SplitHeads.apply, name="onnx-gqa",
+                          reads_filled_rows=True)
 
 
 @contextlib.contextmanager

@@ -109,11 +109,6 @@ def split_heads(x: Tensor, heads: int, head_dim: int) -> Tensor:
     return x.view(*x.shape[:-1], heads, head_dim)
 
 
-def merge_heads(x: Tensor) -> Tensor:
-    """(B, T, heads, head_dim) -> (B, T, heads * head_dim)."""
-    return x.flatten(-2)
-
-
 @dataclass(frozen=True)
 class Positions:
     """Where the rows of one forward call sit, computed once per call for every layer."""
@@ -126,8 +121,9 @@ class Positions:
     sin_table: Tensor
 
 
-# (q (B, T, H, D), k and v (B, T, KV, D), past_k, past_v (B, KV, L, D), positions) -> (y (B, T, H, D), present_k,
-# present_v): rotary, cache write and attention as one primitive.
+# (q (B, T, H, D) and k (B, T, KV, D) after their norms, v (B, T, KV * D) as projected, past_k, past_v (B, KV, L, D),
+# positions) -> (y (B, T, H * D), present_k, present_v): rotary, cache write and attention as one primitive. v and y
+# keep their heads flat: a fused op takes and gives them so, and the reshapes would be nodes of their own.
 FusedAttention = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Positions], tuple[Tensor, Tensor, Tensor]]
 
 
@@ -143,8 +139,8 @@ class Qwen3Ops:
       rope, the cache write and attention itself (onnxruntime's GroupQueryAttention does all three in one op).
     - `reads_filled_rows`: attention of a single position reads only the cache rows <= its position (from `pos`),
       so a caller need not narrow the cache to a window first.
-    - `split_heads` / `merge_heads`: the reshapes around attention. Traced plainly they read the row count off the
-      tensor's shape (Shape, Gather, Concat per call); a form may emit a constant-shape Reshape instead.
+    - `split_heads`: (B, T, heads * head_dim) -> (B, T, heads, head_dim). Traced plainly it reads the row count off
+      the tensor's shape (Shape, Gather, Concat per call); a form may emit a constant-shape Reshape instead.
     """
 
     rms_norm: Callable[[Tensor, Tensor, float], Tensor] = rms_norm
@@ -156,7 +152,6 @@ class Qwen3Ops:
     write_cache: Callable[[Tensor, Tensor, Tensor], Tensor] = scatter_rows
     fused_attention: FusedAttention | None = None
     split_heads: Callable[[Tensor, int, int], Tensor] = split_heads
-    merge_heads: Callable[[Tensor], Tensor] = merge_heads
 
 
 TORCH_OPS = Qwen3Ops()
@@ -192,10 +187,10 @@ class Attention(nn.Module):
         split = self.ops.split_heads
         q = self.q_norm(split(self.q_proj(x), self.n_heads, self.head_dim))
         k = self.k_norm(split(self.k_proj(x), self.n_kv, self.head_dim))
-        v = split(self.v_proj(x), self.n_kv, self.head_dim)
         if cache is not None and self.ops.fused_attention is not None:
-            y, cache.k, cache.v = self.ops.fused_attention(q, k, v, cache.k, cache.v, p)
-            return self.o_proj(self.ops.merge_heads(y))
+            y, cache.k, cache.v = self.ops.fused_attention(q, k, self.v_proj(x), cache.k, cache.v, p)
+            return self.o_proj(y)
+        v = split(self.v_proj(x), self.n_kv, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = self.ops.rope(q, p.cos, p.sin), self.ops.rope(k, p.cos, p.sin)
         if cache is not None:
@@ -365,5 +360,5 @@ def param_count(module: nn.Module) -> int:
 
 
 __all__ = ["Qwen3Config", "Qwen3LM", "Qwen3Ops", "TORCH_OPS", "KVCache", "ContextFull", "FusedAttention", "Positions",
-           "apply_rope", "gqa_attention", "init_weights", "merge_heads", "param_count", "rms_norm", "rope_tables",
+           "apply_rope", "gqa_attention", "init_weights", "param_count", "rms_norm", "rope_tables",
            "scatter_rows", "split_heads", "swiglu"]
