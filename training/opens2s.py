@@ -7,6 +7,7 @@ Attribute names are the released checkpoint's prefixes (`audio_encoder_model.`, 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,20 +54,41 @@ class OpenS2SConfig:
             audio=_section("audio_encoder_config", lambda: AudioEncoderConfig.from_dict(d["audio_encoder_config"])),
             llm=llm,
             tts=tts,
-            adapter_inner_dim=int(d.get("adapter_inner_dim", 512)),
-            conv_kernel_sizes=[int(k) for k in str(d.get("conv_kernel_sizes", "5,5,5")).split(",")],
+            adapter_inner_dim=_positive(d.get("adapter_inner_dim", 512), "adapter_inner_dim"),
+            conv_kernel_sizes=[_positive(k, "conv_kernel_sizes") for k in
+                               str(d.get("conv_kernel_sizes", "5,5,5")).split(",")],
             interleave_strategy=_strategy(d.get("interleave_strategy", "1:2")),
         )
 
 
+_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
+
+
 def _section(name: str, build: Callable[[], Any]) -> Any:
-    """A sub-config, with a missing or mistyped field named as `name.field`."""
+    """A sub-config, with a missing or mistyped field named as `name.field` (before any module is built from it)."""
     try:
-        return build()
+        config = build()
     except KeyError as exc:
         raise ValueError(f"config.json {name} lacks the field {exc.args[0]!r}") from None
-    except TypeError as exc:
+    except (TypeError, ZeroDivisionError) as exc:
         raise ValueError(f"config.json {name}: {exc}") from None
+    for f in dataclasses.fields(config):
+        kind, value = _TYPES.get(str(f.type)), getattr(config, f.name)
+        if kind is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
+            raise ValueError(f"config.json {name}.{f.name} = {value!r:.40} is not {str(f.type)}")
+        if kind is int and value < 0:
+            raise ValueError(f"config.json {name}.{f.name} = {value} is negative")
+    return config
+
+
+def _positive(value: object, name: str) -> int:
+    try:
+        n = int(str(value).strip()) if not isinstance(value, bool) else -1
+    except ValueError:
+        n = -1
+    if n < 1:
+        raise ValueError(f"config.json {name} = {value!r:.40} is not a positive integer")
+    return n
 
 
 def _strategy(value: object) -> str:

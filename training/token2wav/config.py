@@ -198,11 +198,43 @@ def _node(value: Any, cls: str, where: str) -> dict[str, Any]:
 
 
 def _get(args: dict[str, Any], key: str, where: str, default: Any = dataclasses.MISSING) -> Any:
+    if not isinstance(args, dict):
+        raise DecoderConfigError(f"config.yaml: {where} must be a mapping of settings, got {type(args).__name__}")
     if key in args:
         return args[key]
     if default is dataclasses.MISSING:
         raise DecoderConfigError(f"config.yaml: {where} lacks {key!r}")
     return default
+
+
+def _num(kind: type, args: dict[str, Any], key: str, where: str, default: Any = dataclasses.MISSING) -> Any:
+    """A number field: an int or float where the reference builds one, or DecoderConfigError naming it."""
+    value = _get(args, key, where, default)
+    if isinstance(value, str):  # YAML 1.1 reads 1e-06 (no dot) as a string; the reference's float() takes it
+        try:
+            value = float(value) if kind is float else int(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        what = "an integer" if kind is int else "a number"
+        raise DecoderConfigError(f"config.yaml: {where}.{key} = {value!r:.40} is not {what}")
+    return kind(value)
+
+
+def _seq(args: dict[str, Any], key: str, where: str, default: Any, depth: int = 1) -> tuple:
+    """A list (of lists) of integers, or DecoderConfigError naming the field."""
+    value = _get(args, key, where, default)
+
+    def ints(v: Any, d: int) -> tuple:
+        if not isinstance(v, (list, tuple)):
+            raise DecoderConfigError(f"config.yaml: {where}.{key} = {value!r:.40} is not a list of integers")
+        if d > 1:
+            return tuple(ints(x, d - 1) for x in v)
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            raise DecoderConfigError(f"config.yaml: {where}.{key} = {value!r:.40} is not a list of integers")
+        return tuple(v)
+
+    return ints(value, depth)
 
 
 def _expect(args: dict[str, Any], key: str, allowed: tuple[Any, ...], default: Any, where: str) -> None:
@@ -227,12 +259,12 @@ def _parse_encoder(value: Any) -> EncoderConfig:
     _expect(a, "static_chunk_size", (0,), 0, w)
     _expect(a, "use_dynamic_chunk", (False,), False, w)
     return EncoderConfig(
-        input_size=int(_get(a, "input_size", w)),
-        output_size=int(_get(a, "output_size", w, 256)),
-        attention_heads=int(_get(a, "attention_heads", w, 4)),
-        linear_units=int(_get(a, "linear_units", w, 2048)),
-        num_blocks=int(_get(a, "num_blocks", w, 6)),
-        block_size=int(_get(a, "block_size", w, 25)),
+        input_size=_num(int, a, "input_size", w),
+        output_size=_num(int, a, "output_size", w, 256),
+        attention_heads=_num(int, a, "attention_heads", w, 4),
+        linear_units=_num(int, a, "linear_units", w, 2048),
+        num_blocks=_num(int, a, "num_blocks", w, 6),
+        block_size=_num(int, a, "block_size", w, 25),
     )
 
 
@@ -246,27 +278,27 @@ def _parse_cfm(value: Any) -> tuple[CFMConfig, EstimatorConfig]:
         raise DecoderConfigError("config.yaml: flow.decoder.cfm_params must be a mapping")
     _expect(params, "solver", ("euler",), "euler", "flow.decoder.cfm_params")
     _expect(params, "t_scheduler", ("cosine", "linear"), "linear", "flow.decoder.cfm_params")
-    n_spks = int(a.get("n_spks", 1))
+    n_spks = _num(int, a, "n_spks", w, 1)
     if n_spks != 1:
         raise DecoderConfigError(f"config.yaml: flow.decoder.n_spks = {n_spks} is not implemented (supported: 1)")
     cfm = CFMConfig(
-        in_channels=int(_get(a, "in_channels", w)),
-        spk_emb_dim=int(_get(a, "spk_emb_dim", w, 64)),
-        sigma_min=float(params.get("sigma_min", 1e-4)),
+        in_channels=_num(int, a, "in_channels", w),
+        spk_emb_dim=_num(int, a, "spk_emb_dim", w, 64),
+        sigma_min=_num(float, params, "sigma_min", "flow.decoder.cfm_params", 1e-4),
         t_scheduler=str(params.get("t_scheduler", "linear")),
-        inference_cfg_rate=float(params.get("inference_cfg_rate", 0.7)),
+        inference_cfg_rate=_num(float, params, "inference_cfg_rate", "flow.decoder.cfm_params", 0.7),
     )
     we = "flow.decoder.estimator"
     e = _node(_get(a, "estimator", w), _ESTIMATOR_CLASS, we)
     _expect(e, "act_fn", ("gelu",), "snake", we)
     estimator = EstimatorConfig(
-        in_channels=int(_get(e, "in_channels", we)),
-        out_channels=int(_get(e, "out_channels", we)),
-        channels=tuple(int(c) for c in _get(e, "channels", we, (256, 256))),
-        attention_head_dim=int(_get(e, "attention_head_dim", we, 64)),
-        n_blocks=int(_get(e, "n_blocks", we, 1)),
-        num_mid_blocks=int(_get(e, "num_mid_blocks", we, 2)),
-        num_heads=int(_get(e, "num_heads", we, 4)),
+        in_channels=_num(int, e, "in_channels", we),
+        out_channels=_num(int, e, "out_channels", we),
+        channels=_seq(e, "channels", we, (256, 256)),
+        attention_head_dim=_num(int, e, "attention_head_dim", we, 64),
+        n_blocks=_num(int, e, "n_blocks", we, 1),
+        num_mid_blocks=_num(int, e, "num_mid_blocks", we, 2),
+        num_heads=_num(int, e, "num_heads", we, 4),
     )
     return cfm, estimator
 
@@ -276,20 +308,21 @@ def _parse_flow(value: Any) -> FlowConfig:
     a = _node(value, _FLOW_CLASS, w)
     _expect(a, "output_type", ("mel",), "mel", w)
     lr = _node(_get(a, "length_regulator", w), _LR_CLASS, "flow.length_regulator")
-    channels = int(_get(lr, "channels", "flow.length_regulator"))
+    channels = _num(int, lr, "channels", "flow.length_regulator")
     cfm, estimator = _parse_cfm(_get(a, "decoder", w))
     return FlowConfig(
-        input_size=int(_get(a, "input_size", w, 512)),
-        output_size=int(_get(a, "output_size", w, 80)),
-        spk_embed_dim=int(_get(a, "spk_embed_dim", w, 192)),
-        vocab_size=int(_get(a, "vocab_size", w, 4096)),
-        input_frame_rate=float(_get(a, "input_frame_rate", w, 50)),
+        input_size=_num(int, a, "input_size", w, 512),
+        output_size=_num(int, a, "output_size", w, 80),
+        spk_embed_dim=_num(int, a, "spk_embed_dim", w, 192),
+        vocab_size=_num(int, a, "vocab_size", w, 4096),
+        input_frame_rate=_num(float, a, "input_frame_rate", w, 50),
         encoder=_parse_encoder(_get(a, "encoder", w)),
         length_regulator=LengthRegulatorConfig(
             channels=channels,
-            sampling_ratios=tuple(int(r) for r in _get(lr, "sampling_ratios", "flow.length_regulator")),
-            out_channels=int(lr.get("out_channels") or channels),
-            groups=int(lr.get("groups", 1)),
+            sampling_ratios=_seq(lr, "sampling_ratios", "flow.length_regulator", dataclasses.MISSING),
+            out_channels=_num(int, lr, "out_channels", "flow.length_regulator", None) if lr.get("out_channels")
+            else channels,
+            groups=_num(int, lr, "groups", "flow.length_regulator", 1),
         ),
         cfm=cfm,
         estimator=estimator,
@@ -303,33 +336,33 @@ def _parse_hift(value: Any) -> HiFTConfig:
     istft = _get(a, "istft_params", w, {"n_fft": 16, "hop_len": 4})
 
     def ints(key: str, default: Any) -> tuple[int, ...]:
-        return tuple(int(v) for v in _get(a, key, w, default))
+        return _seq(a, key, w, default)
 
     def nested(key: str, default: Any) -> tuple[tuple[int, ...], ...]:
-        return tuple(tuple(int(v) for v in row) for row in _get(a, key, w, default))
+        return _seq(a, key, w, default, depth=2)
 
     return HiFTConfig(
-        in_channels=int(_get(a, "in_channels", w, 80)),
-        base_channels=int(_get(a, "base_channels", w, 512)),
-        nb_harmonics=int(_get(a, "nb_harmonics", w, 8)),
-        sampling_rate=int(_get(a, "sampling_rate", w, 22050)),
-        nsf_alpha=float(_get(a, "nsf_alpha", w, 0.1)),
-        nsf_sigma=float(_get(a, "nsf_sigma", w, 0.003)),
-        nsf_voiced_threshold=float(_get(a, "nsf_voiced_threshold", w, 10)),
+        in_channels=_num(int, a, "in_channels", w, 80),
+        base_channels=_num(int, a, "base_channels", w, 512),
+        nb_harmonics=_num(int, a, "nb_harmonics", w, 8),
+        sampling_rate=_num(int, a, "sampling_rate", w, 22050),
+        nsf_alpha=_num(float, a, "nsf_alpha", w, 0.1),
+        nsf_sigma=_num(float, a, "nsf_sigma", w, 0.003),
+        nsf_voiced_threshold=_num(float, a, "nsf_voiced_threshold", w, 10),
         upsample_rates=ints("upsample_rates", (8, 8)),
         upsample_kernel_sizes=ints("upsample_kernel_sizes", (16, 16)),
-        n_fft=int(istft["n_fft"]),
-        hop_len=int(istft["hop_len"]),
+        n_fft=_num(int, istft, "n_fft", "hift.istft_params"),
+        hop_len=_num(int, istft, "hop_len", "hift.istft_params"),
         resblock_kernel_sizes=ints("resblock_kernel_sizes", (3, 7, 11)),
         resblock_dilation_sizes=nested("resblock_dilation_sizes", ((1, 3, 5),) * 3),
         source_resblock_kernel_sizes=ints("source_resblock_kernel_sizes", (7, 11)),
         source_resblock_dilation_sizes=nested("source_resblock_dilation_sizes", ((1, 3, 5),) * 2),
-        lrelu_slope=float(_get(a, "lrelu_slope", w, 0.1)),
-        audio_limit=float(_get(a, "audio_limit", w, 0.99)),
+        lrelu_slope=_num(float, a, "lrelu_slope", w, 0.1),
+        audio_limit=_num(float, a, "audio_limit", w, 0.99),
         f0=F0PredictorConfig(
-            num_class=int(f0.get("num_class", 1)),
-            in_channels=int(f0.get("in_channels", 80)),
-            cond_channels=int(f0.get("cond_channels", 512)),
+            num_class=_num(int, f0, "num_class", "hift.f0_predictor", 1),
+            in_channels=_num(int, f0, "in_channels", "hift.f0_predictor", 80),
+            cond_channels=_num(int, f0, "cond_channels", "hift.f0_predictor", 512),
         ),
     )
 
@@ -363,9 +396,15 @@ def parse_config(text: str) -> DecoderConfig:
         raise DecoderConfigError(f"config.yaml is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict) or "flow" not in raw or "hift" not in raw:
         raise DecoderConfigError("config.yaml must be a mapping with 'flow' and 'hift' entries")
-    flow = _parse_flow(_resolve(raw["flow"], raw))
-    hift = _parse_hift(_resolve(raw["hift"], raw))
-    sample_rate = int(_resolve(raw.get("sample_rate", hift.sampling_rate), raw))
+    try:
+        flow = _parse_flow(_resolve(raw["flow"], raw))
+        hift = _parse_hift(_resolve(raw["hift"], raw))
+        sample_rate = _num(int, {"sample_rate": _resolve(raw.get("sample_rate", hift.sampling_rate), raw)},
+                           "sample_rate", "config")
+    except (TypeError, AttributeError, KeyError, IndexError) as exc:
+        # A node of an unexpected shape the checks above did not foresee: still the file's fault, named.
+        raise DecoderConfigError(f"config.yaml: a setting has an unexpected shape ({type(exc).__name__}: {exc})") \
+            from None
     extra = {k: v for k, v in raw.items() if k not in ("flow", "hift", "sample_rate")}
     cfg = DecoderConfig(sample_rate=sample_rate, flow=flow, hift=hift, extra=extra)
     _check(cfg)
