@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build": ("opens2s_edge.export.cli_build", "bundle ONNX graphs -> TensorRT engines"),
     "run": ("opens2s_edge.runtime.cli_run", "run one voice turn on a bundle (torch-free)"),
     "chat": ("opens2s_edge.runtime.cli_chat", "a spoken conversation on a bundle (torch-free)"),
+    "serve": ("opens2s_edge.runtime.cli_serve", "OpenAI Realtime WebSocket server + browser page on a bundle"),
     "bench": ("opens2s_edge.benchmarks.cli_bench", "latency benchmark with peers and the roofline"),
 }
 
