@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fnmatch
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +25,8 @@ import onnx
 import torch
 
 from opens2s_edge.runtime.audio import Frontend
-from opens2s_edge.runtime.files import atomic_dir
+from opens2s_edge.runtime.bundle import MANIFEST
+from opens2s_edge.runtime.files import atomic_dir, holds, replace_refusal
 from opens2s_edge.training.checkpoint import CheckpointError, read_frontend
 from opens2s_edge.training.opens2s import OpenS2S
 from opens2s_edge.training.token2wav.decoder import Token2Wav, load_decoder
@@ -47,6 +50,35 @@ __all__ = ["DEVIATION_REFERENCE", "DTYPES", "TOLERANCE", "ExportError", "ExportO
            "export_graph", "verify_graph"]
 
 
+# What an export writes into a bundle (and `build`: engines/), by name: how an older bundle, or one whose manifest was
+# damaged, is still known for ours.
+BUNDLE_ENTRIES = ("*.onnx", "*.onnx.data", "*.npy", "*.json", "merges.txt", "vocab.json", "tts", "engines")
+
+
+def not_a_bundle(folder: Path) -> str | None:
+    """None when `folder` is a bundle an export wrote (which `--force` may replace), else why it is not one: its
+    manifest.json is a JSON object with a format_version and the folder holds nothing the manifest does not list
+    (but engines/, which `build` adds); or, its manifest unreadable, every entry is one a bundle has and a graph is
+    among them."""
+    names = {p.name for p in folder.iterdir()}
+    if MANIFEST not in names:
+        return f"it has no {MANIFEST}"
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        manifest = None
+    if isinstance(manifest, dict) and "format_version" in manifest and isinstance(manifest.get("files"), dict):
+        listed = {MANIFEST, "engines", *(str(rel).split("/")[0] for rel in manifest["files"])}
+        foreign = sorted(names - listed)
+        return f"its manifest does not list {holds(folder, foreign)}" if foreign else None
+    foreign = sorted(n for n in names if not any(fnmatch.fnmatchcase(n, pattern) for pattern in BUNDLE_ENTRIES))
+    if foreign:
+        return f"its {MANIFEST} is not a bundle manifest, and no bundle holds {holds(folder, foreign)}"
+    if not any(n.endswith(".onnx") for n in names):
+        return f"its {MANIFEST} is not a bundle manifest, and it holds no graph"
+    return None
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     """Everything `export` is asked for, checked at once before any work (each failure named)."""
@@ -63,8 +95,12 @@ class ExportOptions:
             raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.form not in lm_forms.FORMS:
             raise ExportError(f"--form must be one of {', '.join(lm_forms.FORMS)}, got {self.form!r}")
-        if out.exists() and not force:
-            raise ExportError(f"{out} already exists; pass --force to replace it")
+        if out.exists() or out.is_symlink():
+            refusal = replace_refusal(out, not_a_bundle, "bundle written by opens2s-edge export", "--out")
+            if refusal is not None:
+                raise ExportError(refusal)
+            if not force:
+                raise ExportError(f"{out} already exists; pass --force to replace it")
         if self.max_context < 16:
             raise ExportError(f"--max-context must be at least 16, got {self.max_context}")
         if self.max_audio_seconds < 1:

@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -84,12 +84,70 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         for f in tmp.rglob("*"):
             if f.is_file():
                 _as_created(f, 0o666)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """`tmp` renamed to `path`. What was at `path` is first renamed aside (within the same folder, so both renames
+    are atomic) and removed only once the new folder is in place: at every instant `path` is the old output or the
+    new one, never a half-deleted one. The aside name is a partial of this process, so if it is killed between the
+    renames the next writer of `path` removes it."""
+    if not (path.exists() or path.is_symlink()):
+        os.replace(tmp, path)
+        return
+    old = tmp.parent / f"{tmp.name}.replaced"
+    os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)  # anything left is a stale partial, removed by the next writer
+    else:
+        old.unlink(missing_ok=True)
+
+
+def holds(folder: Path, names: Iterable[str] | None = None, shown: int = 4) -> str:
+    """What a folder holds, for a message: `notes.txt, data/ and 3 more`. `names`: only these entries."""
+    names = sorted(f"{n}/" if (folder / n).is_dir() else n
+                   for n in (names if names is not None else (p.name for p in folder.iterdir())))
+    if len(names) > shown:
+        return f"{', '.join(names[:shown])} and {len(names) - shown} more"
+    return " and ".join(filter(None, (", ".join(names[:-1]), names[-1] if names else "")))
+
+
+def replace_refusal(path: Path, not_ours: Callable[[Path], str | None], what: str,
+                    option: str | None = None) -> str | None:
+    """Before any work: why `--force` may not replace `path`, or None when it may: it does not exist, is an empty
+    folder, or is a folder `not_ours` recognises as a `what` (it returns None for one, else what is wrong with it). A
+    file, a link or anyone else's folder is never replaced: the message says what is there and what to do. `option`
+    names the path in messages (`--out`)."""
+    path = Path(path)
+    label = f"{option} {path}" if option else str(path)
+    other = f"another {option}" if option else "another folder"
+    if path.is_symlink():
+        return (f"{label} is a symbolic link; --force replaces only a {what} or an empty folder, never through a "
+                f"link: give the folder it points to, or {other}")
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        return (f"{label} is a file; --force replaces only a {what} or an empty folder, so it was left untouched: "
+                f"remove it yourself or choose {other}")
+    try:
+        if not any(path.iterdir()):
+            return None
+        why = not_ours(path)
+        listing = holds(path)
+    except OSError as exc:
+        return f"{label} cannot be read ({exc.strerror or exc}), so it is not replaced"
+    if why is None:
+        return None
+    return (f"{label} holds {listing}, and is not a {what} ({why}); --force replaces only such a folder or an empty "
+            f"one, so it was left untouched: move those files away or choose {other}")
 
 
 AUDIO_SUFFIXES = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG"}

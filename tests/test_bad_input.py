@@ -161,3 +161,76 @@ def test_disk_full_while_writing_the_reply(tiny_bundle: Path, tmp_path: Path) ->
                preexec=small_disk)
     _refused(run, "--out", "could not be written")
     assert not out.exists() and not list(tmp_path.glob(".reply*"))
+
+
+def _snapshot(path: Path) -> dict[str, bytes]:
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_export_force_replaces_only_a_bundle_or_an_empty_folder(tiny_default: Path, tiny_bundle: Path,
+                                                                tmp_path: Path) -> None:
+    from opens2s_edge.export.pipeline import export_bundle
+
+    export = ["export", "--checkpoint", str(tiny_default / "checkpoint"), "--decoder", str(tiny_default / "decoder"),
+              "--max-context", "256", "--force", "--out"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's notes")
+    web = tmp_path / "web"  # another program's manifest.json is not a bundle's
+    web.mkdir()
+    (web / "manifest.json").write_text('{"name": "my app"}')
+    (web / "index.js").write_text("console.log(1)")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    added = shutil.copytree(tiny_bundle, tmp_path / "added")  # a bundle the user put a reply into
+    (added / "reply.wav").write_bytes(b"RIFF")
+    for out, needles in ((mine, ("holds notes.txt", "no manifest.json")),
+                         (web, ("index.js and manifest.json", "not a bundle manifest", "no bundle holds index.js")),
+                         (a_file, ("is a file",)), (added, ("does not list reply.wav",))):
+        before = _snapshot(out)
+        run = _cli(*export, str(out))
+        _refused(run, f"--out {out}", "left untouched", *needles)
+        assert "[export] opening" not in run.stdout  # refused before any work
+        assert _snapshot(out) == before
+    own = shutil.copytree(tiny_bundle, tmp_path / "own")  # export's own earlier output (--max-context 512)
+    run = _cli(*export, str(own))
+    assert run.returncode == 0, run.stderr
+    assert load_bundle(own).manifest["graphs"]["llm"]["limits"]["max_context"] == 256
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_bundle(tiny_default / "checkpoint", tiny_default / "decoder", empty, max_context=256, force=True,
+                  progress=lambda _: None)
+    assert load_bundle(empty).manifest["graphs"]["llm"]["limits"]["max_context"] == 256
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing left beside
+
+
+def test_init_force_replaces_only_its_own_folders(tmp_path: Path) -> None:
+    root = tmp_path / "init"
+    (root / "checkpoint").mkdir(parents=True)
+    (root / "decoder").mkdir()
+    run = _cli("init", "--force", str(root))  # empty folders: replaced
+    assert run.returncode == 0, run.stderr
+    first = _snapshot(root)
+    assert ".opens2s-edge-init.json" in {Path(k).name for k in first}
+    run = _cli("init", "--force", str(root))  # its own earlier output: replaced, with the same (seeded) files
+    assert run.returncode == 0, run.stderr
+    again = _snapshot(root)
+    assert again.keys() == first.keys()
+    # torch.save's zip names its records after the (temporary) file name: only the other files compare as bytes.
+    assert all(again[k] == first[k] for k in first if not k.endswith(".pt"))
+    (root / "decoder" / "mine.wav").write_bytes(b"RIFF")  # the user's file in init's folder
+    released = shutil.copytree(root / "checkpoint", tmp_path / "released" / "checkpoint")
+    (released / ".opens2s-edge-init.json").unlink()  # the released layout without init's mark: maybe real weights
+    (tmp_path / "a_file").mkdir()
+    (tmp_path / "a_file" / "checkpoint").write_text("a file where the folder would go")
+    for out, needles in ((root, (f"{root / 'decoder'} holds", "init did not write mine.wav")),
+                         (released.parent, ("has no .opens2s-edge-init.json", "released weights")),
+                         (tmp_path / "a_file", ("is a file",))):
+        before = _snapshot(out)
+        run = _cli("init", "--force", str(out))
+        _refused(run, "left untouched", *needles)
+        assert "[init] writing" not in run.stdout  # both folders are checked before either is written
+        assert _snapshot(out) == before
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".")]

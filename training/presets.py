@@ -8,12 +8,14 @@ text with Qwen3's special tokens and the OpenS2S tokens, so nothing is downloade
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from opens2s_edge.runtime.files import holds, replace_refusal
 from opens2s_edge.runtime.prompt import (
     AUDIO_END_TOKEN,
     AUDIO_START_TOKEN,
@@ -23,7 +25,7 @@ from opens2s_edge.runtime.prompt import (
     TTS_START_TOKEN,
 )
 
-from .checkpoint import save_checkpoint
+from .checkpoint import SINGLE_FILE, CheckpointError, save_checkpoint
 from .opens2s import OpenS2S, OpenS2SConfig
 from .qwen3 import init_weights
 
@@ -175,9 +177,60 @@ def preset_config(preset: str, text_vocab: int, tts_vocab: int, eos_ids: list[in
     }
 
 
+# init's mark in each folder it writes: what `init --force` may replace. The released checkpoint has the same layout,
+# so the layout alone would not tell the user's downloaded weights from a random init.
+INIT_MARKER = ".opens2s-edge-init.json"
+WRITTEN_BY = "opens2s-edge init"
+
+
+def init_marker(kind: str, preset: str, seed: int, files: list[str]) -> bytes:
+    """The mark's bytes: what wrote the folder, and every file it wrote (anything else found there is not init's)."""
+    return (json.dumps({"written_by": WRITTEN_BY, "kind": kind, "preset": preset, "seed": seed,
+                        "files": sorted(files)}, indent=2) + "\n").encode()
+
+
+def not_init_output(kind: str) -> Callable[[Path], str | None]:
+    """For runtime.files.replace_refusal: None for a `kind` ("checkpoint", "decoder") folder init wrote and nobody
+    added to, else why it is not one."""
+
+    def check(folder: Path) -> str | None:
+        try:
+            record = json.loads((folder / INIT_MARKER).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return (f"it has no {INIT_MARKER}, the mark init leaves: a {kind} in the released layout may be the "
+                    "released weights (an older init's output: delete it yourself)")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            record = None
+        if not isinstance(record, dict) or record.get("written_by") != WRITTEN_BY or record.get("kind") != kind \
+                or not isinstance(record.get("files"), list):
+            return f"its {INIT_MARKER} is not the mark init leaves in a {kind}"
+        written = {INIT_MARKER, *map(str, record["files"])}
+        parents = {str(parent) for rel in written for parent in Path(rel).parents}
+        foreign = sorted(rel for rel in (p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+                         if rel not in written and rel not in parents)
+        return f"init did not write {holds(folder, foreign)}" if foreign else None
+
+    return check
+
+
+def check_replaceable(out_dir: Path, kind: str) -> None:
+    """Before any work: `out_dir` may be replaced by init's `kind` folder (absent, empty, or init's own), else
+    CheckpointError saying what is there."""
+    refusal = replace_refusal(out_dir, not_init_output(kind), f"{kind} written by opens2s-edge init")
+    if refusal is not None:
+        raise CheckpointError(refusal)
+
+
 def write_preset(preset: str, out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
+    """The preset's checkpoint in `out_dir`, replacing (`overwrite`) only an empty folder or one init wrote, and
+    marked as init's (INIT_MARKER) so that a later `init --force` knows it."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    out_dir = Path(out_dir)
+    if overwrite:
+        check_replaceable(out_dir, "checkpoint")
+    elif out_dir.exists() or out_dir.is_symlink():
+        raise CheckpointError(f"{out_dir} already exists (pass overwrite/--force to replace it)")
     p = PRESETS[preset]
     files, text_vocab, tts_vocab = tokenizer_assets(p["max_new_tokens"], p["tts_max_new_tokens"])
     gen = json.loads(files["generation_config.json"])
@@ -189,5 +242,7 @@ def write_preset(preset: str, out_dir: str | Path, seed: int = 0, overwrite: boo
     generator = torch.Generator().manual_seed(seed)
     init_weights(model, std=0.02 if preset != "tiny" else 0.2, generator=generator)
     model.audio_encoder_model.reset_positions()  # a fixed sinusoid table in the released model, not learned
+    # The presets' weights fit one file (save_checkpoint shards from 5 GiB).
+    files[INIT_MARKER] = init_marker("checkpoint", preset, seed, [*files, "config.json", SINGLE_FILE])
     # Stored in bf16, as the released checkpoint is (a bf16 training run saves it that way).
     return save_checkpoint(model, out_dir, assets=files, overwrite=overwrite, dtype=torch.bfloat16)
