@@ -10,7 +10,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	@# espeak-ng and sox make the test speech; install them where we can (root with apt).
 	@command -v espeak-ng >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  apt-get update -qq && apt-get install -y -qq espeak-ng sox libportaudio2 >/dev/null; } || true
+	  apt-get update -qq && apt-get install -y -qq espeak-ng sox libportaudio2 chromium >/dev/null; } || true
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0

@@ -147,11 +147,11 @@ def trt_llm(config: dict) -> dict[str, Any]:
 
 
 def torch_llm(config: dict) -> dict[str, Any]:
+    """Our PyTorch backend's LLM decoder alone, driven like `runtime_llm` drives the bundle's."""
     import torch
 
     from opens2s_edge.training.checkpoint import load_checkpoint
-    from opens2s_edge.training.cuda_backend import StaticDecodeStep
-    from opens2s_edge.training.generate import TorchTextDecoder
+    from opens2s_edge.training.torch_backend import TorchBackend
 
     from .peers import _on_gpu
 
@@ -162,20 +162,21 @@ def torch_llm(config: dict) -> dict[str, Any]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.perf_counter()
     model = load_checkpoint(config["checkpoint"], dtype=dtype, device=device)
-    model.llm_model.setup_cache(len(config["prompt_ids"]) + config["new_tokens"] + 1)
-    step = StaticDecodeStep(model.llm_model, "graph") if device.type == "cuda" else None
+    backend = TorchBackend(model, len(config["prompt_ids"]) + config["new_tokens"] + 1,
+                           "graph" if device.type == "cuda" else "eager")
+    decoder = backend.decoder("llm")
     load_s = time.perf_counter() - t0
-    embeds = model.llm_model.embed(torch.tensor(config["prompt_ids"], device=device))[None]
+    ids = config["prompt_ids"]
 
     @torch.inference_mode()
     def generate(n: int) -> list[int]:
-        dec = TorchTextDecoder(model, embeds, step)
-        logits, _ = dec.prefill()
+        decoder.reset()
+        logits = decoder.run(decoder.embed(ids))["logits"]
         out = []
         for i in range(n):
             out.append(int(np.argmax(logits)))
             if i + 1 < n:
-                logits, _ = dec.step(out[-1])
+                logits = decoder.feed_token(out[-1])["logits"]
         return out
 
     return {"load_s": load_s, "precision": "bf16" if device.type == "cuda" else "fp32", "device": str(device),

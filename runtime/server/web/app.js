@@ -157,9 +157,10 @@ function onEvent(ev) {
       break;
     case "response.output_audio.delta": {
       const samples = fromBase64(ev.delta);
+      const count = samples.length; // read before the buffer is transferred (and detached) to the player
       player.port.postMessage({ type: "push", samples }, [samples.buffer]);
       if (current) {
-        current.audioSamples += samples.length;
+        current.audioSamples += count;
         if (current.firstAudioMs === null) {
           current.firstAudioMs = performance.now() - current.start;
           $("latency").textContent = `first audio ${current.firstAudioMs.toFixed(0)} ms after you finished`;
@@ -275,6 +276,7 @@ function releaseTalk() {
   setStatus("thinking");
 }
 
+$("keyform").addEventListener("submit", (e) => e.preventDefault()); // Enter in the key field is not a page load
 $("start").addEventListener("click", start);
 $("talk").addEventListener("pointerdown", pressTalk);
 $("talk").addEventListener("pointerup", releaseTalk);
