@@ -10,6 +10,7 @@ the parameter.
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -102,10 +103,15 @@ def _number(obj: dict, key: str, param: str, kind: type, default: Any) -> Any:
     value = obj.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise ProtocolError("invalid_value", f"{param}.{key} must be {'an integer' if kind is int else 'a number'}, "
-                            f"got {value!r}", f"{param}.{key}")
-    return kind(value)
+    wrong = isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        isinstance(value, float) and (not math.isfinite(value) or (kind is int and not value.is_integer())))
+    if not wrong:
+        try:
+            return kind(value)
+        except OverflowError:
+            pass  # an integer no float holds (JSON allows any number of digits)
+    raise ProtocolError("invalid_value", f"{param}.{key} must be {'an integer' if kind is int else 'a number'}, "
+                        f"got {value!r:.40}", f"{param}.{key}")
 
 
 def parse_turn_detection(value: Any, current: TurnDetection | None) -> TurnDetection | None:
@@ -160,7 +166,9 @@ def parse_session_update(current: SessionConfig, session: Any, vad_available: bo
             raise ProtocolError("invalid_value", "session.instructions must be a string", "session.instructions")
         config = replace(config, instructions=session["instructions"])
     modalities = session.get("output_modalities")
-    if modalities is not None and list(modalities) != ["audio"]:
+    if modalities is not None and not isinstance(modalities, list):
+        raise ProtocolError("invalid_value", "session.output_modalities must be a list", "session.output_modalities")
+    if modalities is not None and modalities != ["audio"]:
         ignored.append("session.output_modalities")  # the model always speaks (its transcript comes with it)
     if "max_output_tokens" in session:
         config = replace(config, max_output_tokens=parse_max_output_tokens(session["max_output_tokens"],
@@ -250,6 +258,9 @@ def parse_item(item: Any, input_rate: int) -> Message:
             parts.append(text)
             shown.append({"type": kind, "text": text})
         elif kind == "input_audio" and role == "user":
+            if not isinstance(part.get("transcript"), (str, type(None))):  # echoed back on the item's events
+                raise ProtocolError("invalid_value", f"{param}.transcript must be a string or null",
+                                    f"{param}.transcript")
             try:
                 wav = resample(decode_pcm16(part.get("audio")), WIRE_RATE, input_rate)
             except ValueError as exc:
