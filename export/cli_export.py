@@ -47,7 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--float-lm-head", action="store_true", help="--weights: keep the decoders' lm_head in float")
     p.add_argument("--flow-steps", type=int, default=None,
                    help="token2wav Euler steps recorded in the manifest (default: the decoder's own, 10)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out that is a bundle export wrote, or an empty folder (anything else "
+                        "is refused and left untouched)")
 
 
 def main(args: argparse.Namespace) -> int:
