@@ -24,8 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=None, help="timed runs per peer (default: the preset's)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up runs per peer (default: the preset's)")
     p.add_argument("--peers", default="reference,torch,ort,trt,genai,optimum",
-                   help="comma-separated: reference, torch, ort, trt (TensorRT engines; skipped without them), "
-                        "genai, optimum")
+                   help="comma-separated: reference, torch, ort, ort-int4, ort-int8 (the bundle quantized), trt "
+                        "(TensorRT engines; skipped without them), genai, optimum")
     p.add_argument("--out", type=Path, required=True, help="folder for bench.json and bench.png")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="OpenS2S checkpoint the bundle came from (default: the manifest's source)")

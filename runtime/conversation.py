@@ -19,7 +19,8 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,14 @@ class Conversation:
         self.llm = engine.backend.decoder("llm", engine.llm_embed)
         self.tts = engine.backend.decoder("tts_lm", engine.tts_embed)
         self.cached: list[Key] = []  # what the LLM cache holds, position by position
-        self.current: Turn | None = None
+        # Weak: a Turn refers to its conversation, and a strong link back would make every conversation a cycle that
+        # only the cycle collector frees (with its caches) after the client has gone.
+        self._current: weakref.ref[Turn] | None = None
+
+    @property
+    def current(self) -> Turn | None:
+        """The turn in progress or last run, while its consumer still holds it."""
+        return self._current() if self._current is not None else None
 
     # -- state --------------------------------------------------------------------------------------------
     def reset(self, system_prompt: str | None = None) -> None:
@@ -99,7 +107,7 @@ class Conversation:
         self.history = []
         self.cached = []
         self.llm.reset()
-        self.current = None
+        self._current = None
 
     def set_speaker(self, speaker: np.ndarray | None) -> None:
         """The TTS LM's speaker vector (the training data's `spk_emb`, 512 values; None = the learned start)."""
@@ -159,8 +167,9 @@ class Conversation:
             parts.append(text)
         if not parts:
             raise ConversationError("a turn needs audio or text from the user")
-        self.current = Turn(self, Message("user", parts), options or TurnOptions(), on_step)
-        return self.current
+        turn = Turn(self, Message("user", parts), options or TurnOptions(), on_step)
+        self._current = weakref.ref(turn)
+        return turn
 
     def _render(self, history: list[Message]) -> tuple[list[int], list[Key]]:
         prompt_ids = self.engine.prompt.encode([{"role": m.role, "content": m.content()} for m in history],
@@ -221,6 +230,15 @@ class Conversation:
         return path
 
 
+@dataclass
+class _TurnState:
+    """What a Turn and its generator share (the generator holds this, never the Turn)."""
+
+    cancelled: bool = False
+    finished: bool = False
+    delivered_samples: int | None = None  # how much of the reply audio the user heard (None: all of it)
+
+
 class Turn:
     """One turn's events (TextDelta, SpeechToken, AudioChunk, HistoryTrimmed, then TurnDone). `cancel()` stops it
     at the next token; `delivered_samples` says how much of the reply audio the user heard (default: all of it
@@ -228,29 +246,40 @@ class Turn:
 
     def __init__(self, conv: Conversation, user: Message, options: TurnOptions, on_step: OnStep | None):
         self.conv, self.user, self.options, self.on_step = conv, user, options, on_step
-        self.finished = False
-        self.cancelled = False
-        self.delivered_samples: int | None = None
-        self._events = self._run()
+        self.state = _TurnState()
+        self._events = self._run(conv, user, options, on_step, self.state)
+
+    @property
+    def finished(self) -> bool:
+        return self.state.finished
+
+    @property
+    def cancelled(self) -> bool:
+        return self.state.cancelled
 
     def __iter__(self) -> Iterator:
         return self
 
     def __next__(self) -> Any:
         try:
-            return next(self._events)
+            event = next(self._events)
+            if isinstance(event, TurnDone):
+                # Consumers stop at TurnDone: end the generator now, or its frame (prompt, pieces, trace) and the Turn
+                # hold each other until the cycle collector runs, which a server may not do for many turns.
+                self._events.close()
+            return event
         except StopIteration:
             raise
         except Exception:
             # A turn that failed (a backend error, the prompt alone over the context) is over: the conversation takes
             # the next one; the failed user message is not kept in the history.
-            self.finished = True
+            self.state.finished = True
             raise
 
     def cancel(self, delivered_samples: int | None = None) -> TurnDone | None:
         """Barge-in: stop now and keep in the history only what was heard. Returns the final TurnDone."""
-        self.cancelled = True
-        self.delivered_samples = delivered_samples
+        self.state.cancelled = True
+        self.state.delivered_samples = delivered_samples
         done = None
         for event in self._events:  # runs the loop to its cancel check, then the rollback
             if isinstance(event, TurnDone):
@@ -261,8 +290,11 @@ class Turn:
         if not self.finished:
             self.cancel()
 
-    def _run(self) -> Iterator[Any]:
-        conv, eng, options = self.conv, self.conv.engine, self.options
+    @staticmethod
+    def _run(conv: Conversation, user: Message, options: TurnOptions, on_step: OnStep | None,
+             state: _TurnState) -> Iterator[Any]:
+        # A static generator: its frame must not hold the Turn, or a turn dropped mid-reply would be a cycle.
+        eng = conv.engine
         t0 = time.perf_counter()
         latency = Latency()
         timings: list[StepTiming] = []
@@ -272,11 +304,11 @@ class Turn:
             now = time.perf_counter()
             timing = StepTiming(kind, positions, started - t0, now - started)
             timings.append(timing)
-            if self.on_step is not None:
-                self.on_step(timing)
+            if on_step is not None:
+                on_step(timing)
 
         # 1. The new audio: encoded once, kept with its message.
-        for part in self.user.parts:
+        for part in user.parts:
             if isinstance(part, AudioPart) and part.embeds is None:
                 started = time.perf_counter()
                 part.embeds = eng.encode_audio(part.wav)
@@ -291,7 +323,7 @@ class Turn:
         # 2. The prompt of the whole history, trimmed from the oldest turn while it does not fit.
         cfg = interleave_config(eng.interleave_strategy, eng.defaults, options)
         reserve = min(max(cfg.max_text_tokens, 1), conv.llm.max_len // 4)
-        history = [*conv.history, self.user]
+        history = [*conv.history, user]
         prompt_ids, keys = conv._render(history)
         dropped = 0
         while len(keys) + reserve > conv.llm.max_len and len(history) > 1:
@@ -317,48 +349,8 @@ class Turn:
         parts = {p.uid: p for m in history for p in m.parts if isinstance(p, AudioPart)}
         rows = conv._rows(keys[reused:], parts)
         prompt_len = len(keys)
-        state = {"fed": 0}
-
-        class TextSide:
-            def prefill(self) -> tuple[np.ndarray, np.ndarray]:
-                started = time.perf_counter()
-                out = conv.llm.run(rows)
-                conv.cached.extend(keys[reused:])
-                record("llm_prefill", rows.shape[0], started)
-                latency.prefill_s = time.perf_counter() - started
-                trace.llm_first_logits = out["logits"]
-                return out["logits"], out["hidden"]
-
-            def step(self, token: int) -> tuple[np.ndarray, np.ndarray]:
-                started = time.perf_counter()
-                out = conv.llm.feed_token(token)
-                conv.cached.append(("t", token))
-                state["fed"] += 1
-                record("llm_step", 1, started)
-                return out["logits"], out["hidden"]
-
-        class SpeechSide:
-            def start(self) -> None:
-                started = time.perf_counter()
-                conv.tts.reset()
-                conv.tts.run(conv._speaker_input)
-                record("tts_start", 1, started)
-
-            def feed_hidden(self, hidden: np.ndarray) -> np.ndarray:
-                started = time.perf_counter()
-                projected = eng.project_hidden(hidden)
-                trace.tts_inputs.append(projected)
-                logits = conv.tts.run(projected)["logits"]
-                record("tts_feed", projected.shape[0], started)
-                if trace.tts_first_logits is None:
-                    trace.tts_first_logits = logits
-                return logits
-
-            def step(self, token: int) -> np.ndarray:
-                started = time.perf_counter()
-                logits = conv.tts.feed_token(token)["logits"]
-                record("tts_step", 1, started)
-                return logits
+        text_side = _TextSide(conv, rows, keys[reused:], record, latency, trace)
+        speech_side = _SpeechSide(conv, record, trace)
 
         # 4. The interleaved decode, streaming audio as speech tokens arrive.
         text_sampler, speech_sampler = make_samplers(options, eng.vocab)
@@ -385,10 +377,10 @@ class Turn:
                 pieces.append(pcm)
                 yield AudioChunk(now, pcm, sample_rate)
 
-        schedule = interleave(TextSide(), SpeechSide(), cfg, text_sampler, speech_sampler, result)
+        schedule = interleave(text_side, speech_side, cfg, text_sampler, speech_sampler, result)
         try:
             for event in schedule:
-                if self.cancelled:
+                if state.cancelled:
                     stopped = "cancelled"
                     break
                 now = time.perf_counter() - t0
@@ -418,8 +410,8 @@ class Turn:
         except ContextFull:
             stopped = "context"
         except GeneratorExit:  # the consumer dropped the turn: a barge-in with what it had, nothing more yielded
-            self.cancelled, stopped, closed = True, "cancelled", True
-        if not self.cancelled and stream is not None:
+            state.cancelled, stopped, closed = True, "cancelled", True
+        if not state.cancelled and stream is not None:
             started = time.perf_counter()
             yield from emit_audio(stream.finalize(), started)
         schedule.close()
@@ -427,8 +419,8 @@ class Turn:
         # 5. The history: what was heard, and the LLM cache rolled back to its end.
         audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
         kept = list(result.text_ids)
-        if self.cancelled:
-            delivered = audio.size if self.delivered_samples is None else min(self.delivered_samples, audio.size)
+        if state.cancelled:
+            delivered = audio.size if state.delivered_samples is None else min(state.delivered_samples, audio.size)
             spec = eng.token2wav.spec
             heard = 0
             while heard < len(speech_rounds) and spec.frames(heard + 1) * spec.hop <= delivered:
@@ -436,7 +428,7 @@ class Turn:
             last_round = speech_rounds[heard - 1] if heard else -1
             # A token the schedule chose as the cancel arrived was never shown: zip stops at the ones that were.
             kept = [t for t, r in zip(result.text_ids, text_rounds, strict=False) if r <= last_round]
-            end = prompt_len + min(len(kept), state["fed"])
+            end = prompt_len + min(len(kept), text_side.fed)
             if conv.llm.pos > end:
                 conv.llm.truncate(end)
                 conv.cached = conv.cached[:end]
@@ -444,16 +436,74 @@ class Turn:
         units = eng.vocab.to_units(speech_ids)
         history_text = eng.prompt.decode(kept)
         conv.history = [*history]
-        if history_text or not self.cancelled:
+        if history_text or not state.cancelled:
             conv.history.append(Message("assistant", [history_text], units))
         latency.total_s = time.perf_counter() - t0
         latency.audio_s = audio.shape[0] / sample_rate if sample_rate else 0.0
-        self.finished = True
+        state.finished = True
         done = TurnDone(latency.total_s, eng.prompt.decode(result.text_ids), result.text_ids, speech_ids, units,
                         audio, sample_rate, latency, stopped, prompt_ids, reused, prompt_len - reused, timings, trace,
                         history_text)
         if not closed:
             yield done
+
+
+class _TextSide:
+    """The LLM side of one turn's schedule: the new prompt rows prefilled, then one step per text token. A module
+    class (not one defined per turn): a class object is always in a reference cycle, and one made per turn would
+    keep the turn's arrays alive until the cycle collector ran."""
+
+    def __init__(self, conv: Conversation, rows: np.ndarray, new_keys: list, record: Callable[[str, int, float], None],
+                 latency: Latency, trace: Trace):
+        self.conv, self.rows, self.new_keys, self.record, self.latency, self.trace = (
+            conv, rows, new_keys, record, latency, trace)
+        self.fed = 0  # text tokens fed back into the LLM cache
+
+    def prefill(self) -> tuple[np.ndarray, np.ndarray]:
+        started = time.perf_counter()
+        out = self.conv.llm.run(self.rows)
+        self.conv.cached.extend(self.new_keys)
+        self.record("llm_prefill", self.rows.shape[0], started)
+        self.latency.prefill_s = time.perf_counter() - started
+        self.trace.llm_first_logits = out["logits"]
+        return out["logits"], out["hidden"]
+
+    def step(self, token: int) -> tuple[np.ndarray, np.ndarray]:
+        started = time.perf_counter()
+        out = self.conv.llm.feed_token(token)
+        self.conv.cached.append(("t", token))
+        self.fed += 1
+        self.record("llm_step", 1, started)
+        return out["logits"], out["hidden"]
+
+
+class _SpeechSide:
+    """The TTS LM side of one turn's schedule: the speaker row, projected LLM hidden states, speech tokens."""
+
+    def __init__(self, conv: Conversation, record: Callable[[str, int, float], None], trace: Trace):
+        self.conv, self.record, self.trace = conv, record, trace
+
+    def start(self) -> None:
+        started = time.perf_counter()
+        self.conv.tts.reset()
+        self.conv.tts.run(self.conv._speaker_input)
+        self.record("tts_start", 1, started)
+
+    def feed_hidden(self, hidden: np.ndarray) -> np.ndarray:
+        started = time.perf_counter()
+        projected = self.conv.engine.project_hidden(hidden)
+        self.trace.tts_inputs.append(projected)
+        logits = self.conv.tts.run(projected)["logits"]
+        self.record("tts_feed", projected.shape[0], started)
+        if self.trace.tts_first_logits is None:
+            self.trace.tts_first_logits = logits
+        return logits
+
+    def step(self, token: int) -> np.ndarray:
+        started = time.perf_counter()
+        logits = self.conv.tts.feed_token(token)["logits"]
+        self.record("tts_step", 1, started)
+        return logits
 
 
 __all__ = ["AudioInputError", "AudioPart", "Conversation", "ConversationError", "Message", "MessageError", "Turn"]

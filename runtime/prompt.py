@@ -8,6 +8,7 @@ Uses the `tokenizers` library and jinja2 (sandboxed, configured as transformers 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Sequence
@@ -103,11 +104,18 @@ _ENV.globals["raise_exception"] = _raise_exception
 _ENV.globals["strftime_now"] = _strftime_now
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str) -> jinja2.Template:
+    # Compiled once per template text (as transformers caches it): compiling costs milliseconds every turn, and each
+    # compiled template is a reference cycle left to the cycle collector.
+    return _ENV.from_string(template)
+
+
 def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True,
                          **kwargs: object) -> str:
     """Render a Hugging Face chat template the way transformers' `apply_chat_template` does."""
     try:
-        return _ENV.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+        return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                  **kwargs)
     except jinja2.exceptions.TemplateError as exc:
         raise TokenizerError(f"the chat template failed to render: {exc}") from exc

@@ -121,6 +121,37 @@ def test_cancel_before_any_audio_keeps_no_reply(tiny_bundle: Path) -> None:
     assert [m["role"] for m in conv.messages()] == ["user"]
 
 
+def test_turns_and_conversations_are_freed_without_the_cycle_collector(tiny_bundle: Path) -> None:
+    """A server stops reading a turn at TurnDone and drops a conversation when its client goes: both must be freed
+    by reference counting at once (with the turn's arrays and the conversation's caches), not whenever gc runs."""
+    import gc
+    import weakref
+
+    engine = Engine.from_bundle(load_bundle(tiny_bundle))
+    options = TurnOptions(seed=7, max_text_tokens=4, max_speech_tokens=24)
+    _done(engine.conversation().turn(None, "Warm up.", options))  # first-call caches (templates) are not garbage
+    gc.collect()
+    gc.disable()
+    try:
+        conv = engine.conversation()
+        for text in ("Hello!", "And then?"):
+            turn = conv.turn(None, text, options)
+            for event in turn:  # stop at TurnDone, as the server does, without exhausting the iterator
+                if isinstance(event, TurnDone):
+                    break
+            turn_ref = weakref.ref(turn)
+            del turn, event
+            assert turn_ref() is None, "the turn outlived its consumer"
+        cut = conv.turn(None, "Interrupted.", options)
+        next(cut)
+        cut_ref, conv_ref = weakref.ref(cut), weakref.ref(conv)
+        del cut, conv  # the client went away mid-turn
+        assert cut_ref() is None and conv_ref() is None, "a dropped conversation waited for the cycle collector"
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+
+
 def test_interleaved_conversations_are_independent(tiny_bundle: Path) -> None:
     engine = Engine.from_bundle(load_bundle(tiny_bundle))
     wav = load_wav(HELLO)

@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .qwen3 import TORCH_OPS, ContextFull, Qwen3LM, Qwen3Ops
+from .qwen3 import TORCH_DTYPES, TORCH_OPS, ContextFull, Qwen3LM, Qwen3Ops
 
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = TORCH_DTYPES  # the backend accepts every bundle dtype
 STEP_MODES = ("eager", "static", "graph", "compile")
 KERNELS = ("torch", "triton")
 SMALLEST_WINDOW = 256

@@ -14,6 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# The bundle's dtype names (the keys of runtime/dtypes.BUNDLE_DTYPES) as torch dtypes: the one table that export,
+# the checkpoint loaders and the CUDA backend share.
+TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 @dataclass
 class Qwen3Config:
