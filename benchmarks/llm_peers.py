@@ -106,6 +106,23 @@ def write_hf_llm(checkpoint: Path, out: Path) -> Path:
 
 
 # -- ours -------------------------------------------------------------------------------------------------------
+def greedy_decode(decoder: Any, ids: list[int]) -> Callable[[int], list[int]]:
+    """`generate(n)`: n greedy tokens after prefilling `ids` into a fresh sequence of one of our KV decoders (any
+    backend's `KVDecoder`), the loop every "ours" peer times."""
+
+    def generate(n: int) -> list[int]:
+        decoder.reset()
+        logits = decoder.run(decoder.embed(ids))["logits"]
+        out = []
+        for i in range(n):
+            out.append(int(np.argmax(logits)))
+            if i + 1 < n:
+                logits = decoder.feed_token(out[-1])["logits"]
+        return out
+
+    return generate
+
+
 def runtime_llm(config: dict, backend_name: str) -> dict[str, Any]:
     """Our runtime's LLM decoder alone, on onnxruntime (`ort`) or on the bundle's TensorRT engine (`trt`)."""
     from opens2s_edge.runtime.bundle import load_bundle
@@ -122,17 +139,7 @@ def runtime_llm(config: dict, backend_name: str) -> dict[str, Any]:
         raise PeerSkipped(str(exc)) from exc
     decoder = backend.decoder("llm", bundle.array("llm_embed"))
     load_s = time.perf_counter() - t0
-    ids = config["prompt_ids"]
-
-    def generate(n: int) -> list[int]:
-        decoder.reset()
-        logits = decoder.run(decoder.embed(ids))["logits"]
-        out = []
-        for i in range(n):
-            out.append(int(np.argmax(logits)))
-            if i + 1 < n:
-                logits = decoder.run(decoder.embed(out[-1:]))["logits"]
-        return out
+    generate = greedy_decode(decoder, config["prompt_ids"])
 
     return {"load_s": load_s, "precision": bundle.manifest["dtype"], "backend": backend.describe(),
             **time_decode(generate, config["new_tokens"], config["runs"], config["warmup"])}
@@ -166,18 +173,7 @@ def torch_llm(config: dict) -> dict[str, Any]:
                            "graph" if device.type == "cuda" else "eager")
     decoder = backend.decoder("llm")
     load_s = time.perf_counter() - t0
-    ids = config["prompt_ids"]
-
-    @torch.inference_mode()
-    def generate(n: int) -> list[int]:
-        decoder.reset()
-        logits = decoder.run(decoder.embed(ids))["logits"]
-        out = []
-        for i in range(n):
-            out.append(int(np.argmax(logits)))
-            if i + 1 < n:
-                logits = decoder.feed_token(out[-1])["logits"]
-        return out
+    generate = torch.inference_mode()(greedy_decode(decoder, config["prompt_ids"]))
 
     return {"load_s": load_s, "precision": "bf16" if device.type == "cuda" else "fp32", "device": str(device),
             "torch_threads": torch.get_num_threads(),

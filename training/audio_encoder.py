@@ -51,33 +51,45 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Ten
 
 
 class EncoderAttention(nn.Module):
+    """Whisper's self-attention (k without bias), shared by the audio encoder and the speech tokenizer."""
+
     def __init__(self, d: int, heads: int):
         super().__init__()
-        self.heads = heads
+        self.heads, self.scale = heads, (d // heads) ** -0.5
         self.q_proj = nn.Linear(d, d)
         self.k_proj = nn.Linear(d, d, bias=False)
         self.v_proj = nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, allowed: Tensor | None = None) -> Tensor:
+        """`allowed`: (B or 1, 1, T, T) bool, which key each query may attend to (None: all)."""
         b, t, d = x.shape
         q, k, v = (p(x).view(b, t, self.heads, d // self.heads).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v)
+        if allowed is None:
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            # MatMul + Softmax written out (what TensorRT 10.3 parses); a masked score gets float32's lowest value,
+            # as the reference's additive mask gives it, so a row never becomes all -inf.
+            scores = torch.matmul(q * self.scale, k.transpose(2, 3))
+            scores = torch.where(allowed, scores, torch.finfo(scores.dtype).min)
+            y = torch.matmul(torch.softmax(scores, dim=-1), v)
         return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, c: AudioEncoderConfig):
-        super().__init__()
-        self.self_attn = EncoderAttention(c.d_model, c.encoder_attention_heads)
-        self.self_attn_layer_norm = nn.LayerNorm(c.d_model)
-        self.fc1 = nn.Linear(c.d_model, c.encoder_ffn_dim)
-        self.fc2 = nn.Linear(c.encoder_ffn_dim, c.d_model)
-        self.final_layer_norm = nn.LayerNorm(c.d_model)
+    """A pre-norm Whisper encoder layer (GELU MLP)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x))
+    def __init__(self, d_model: int, heads: int, ffn_dim: int):
+        super().__init__()
+        self.self_attn = EncoderAttention(d_model, heads)
+        self.self_attn_layer_norm = nn.LayerNorm(d_model)
+        self.fc1 = nn.Linear(d_model, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, d_model)
+        self.final_layer_norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: Tensor, allowed: Tensor | None = None) -> Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x), allowed)
         return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
 
 
@@ -94,7 +106,8 @@ class AudioEncoder(nn.Module):
         self.conv1 = nn.Conv1d(c.num_mel_bins, c.d_model, 3, padding=1)
         self.conv2 = nn.Conv1d(c.d_model, c.d_model, 3, stride=2, padding=1)
         self.embed_positions = nn.Embedding(c.max_source_positions, c.d_model)
-        self.layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.encoder_layers))
+        self.layers = nn.ModuleList(EncoderLayer(c.d_model, c.encoder_attention_heads, c.encoder_ffn_dim)
+                                    for _ in range(c.encoder_layers))
         self.layer_norm = nn.LayerNorm(c.d_model)
 
     def reset_positions(self) -> None:

@@ -48,6 +48,7 @@ from opens2s_edge.runtime.speech_tokenizer import (
     tokenizer_frontend,
 )
 
+from .audio_encoder import EncoderLayer
 from .weights import key_mismatches
 
 PREFIX = "model.encoder."
@@ -61,41 +62,6 @@ class CausalConv1d(nn.Conv1d):
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(F.pad(x, (self.kernel_size[0] - 1, 0)))
-
-
-class TokenizerAttention(nn.Module):
-    def __init__(self, d: int, heads: int):
-        super().__init__()
-        self.heads, self.scale = heads, (d // heads) ** -0.5
-        self.q_proj = nn.Linear(d, d)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
-
-    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
-        b, t, d = x.shape
-        q, k, v = (p(x).view(b, t, self.heads, d // self.heads).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
-        # MatMul + Softmax written out (what TensorRT 10.3 parses); a masked score gets float32's lowest value,
-        # as the reference's additive mask gives it, so a row never becomes all -inf.
-        scores = torch.matmul(q * self.scale, k.transpose(2, 3))
-        scores = torch.where(allowed, scores, torch.finfo(scores.dtype).min)
-        y = torch.matmul(torch.softmax(scores, dim=-1), v)
-        return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
-
-
-class TokenizerLayer(nn.Module):
-    def __init__(self, s: TokenizerStructure):
-        super().__init__()
-        self.self_attn = TokenizerAttention(s.d_model, s.heads)
-        self.self_attn_layer_norm = nn.LayerNorm(s.d_model)
-        self.fc1 = nn.Linear(s.d_model, s.ffn_dim)
-        self.fc2 = nn.Linear(s.ffn_dim, s.d_model)
-        self.final_layer_norm = nn.LayerNorm(s.d_model)
-
-    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), allowed)
-        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
 
 
 def attention_allowed(valid_length: Tensor, frames: int | Tensor, block: int | None, causal: bool) -> Tensor:
@@ -123,7 +89,7 @@ class WhisperVQEncoder(nn.Module):
         self.conv1 = conv(s.n_mels, s.d_model, kernel_size=3, **pad)
         self.conv2 = conv(s.d_model, s.d_model, kernel_size=3, stride=2, **pad)
         self.embed_positions = nn.Embedding(s.max_source_positions, s.d_model)
-        self.layers = nn.ModuleList(TokenizerLayer(s) for _ in range(s.quantize_position))
+        self.layers = nn.ModuleList(EncoderLayer(s.d_model, s.heads, s.ffn_dim) for _ in range(s.quantize_position))
         self.codebook = nn.Embedding(s.vocab_size, s.d_model)
         self.embed_positions2 = nn.Embedding(math.ceil(s.max_source_positions / s.kernel), s.d_model)
         if s.ema:
