@@ -39,13 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 GOLDEN_NAMES = ("u1", "u2")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # One intra-op thread: two on the shared 2-core machine spin-wait each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+@pytest.fixture(autouse=True)
+def _one_thread(torch_one_thread: None) -> None:
+    pass
 
 
 @pytest.fixture(scope="session")
