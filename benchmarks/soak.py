@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ from opens2s_edge.runtime.audio import load_wav
 from opens2s_edge.runtime.bundle import load_bundle
 from opens2s_edge.runtime.engine import Engine, TurnDone, TurnOptions
 
-HELLO = Path(__file__).resolve().parents[1] / "opens2s_edge" / "assets" / "hello.wav"
+HELLO = Path(str(resources.files("opens2s_edge") / "assets" / "hello.wav"))  # the package's, installed or not
 MAX_TEXT_TOKENS, MAX_SPEECH_TOKENS = 12, 48
 PROMPTS = ("Hello! How are you today?", "Tell me about the weather.", "That sounds lovely, thank you.",
            "What should I do this weekend?")
