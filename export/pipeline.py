@@ -29,6 +29,7 @@ from opens2s_edge.runtime.bundle import MANIFEST
 from opens2s_edge.runtime.files import atomic_dir, holds, replace_refusal
 from opens2s_edge.training.checkpoint import CheckpointError, read_frontend
 from opens2s_edge.training.opens2s import OpenS2S
+from opens2s_edge.training.qwen3 import TORCH_DTYPES
 from opens2s_edge.training.token2wav.decoder import Token2Wav, load_decoder
 
 from . import lm as lm_forms
@@ -41,7 +42,7 @@ from .verify import DEVIATION_REFERENCE, TOLERANCE, as_float32, reference_output
 from .weight_quant import WeightOptions, quantize_graph
 from .weights import CheckpointWeights, checkpoint_keys, open_model, placeholders, release, streamed
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = TORCH_DTYPES  # the bundle dtypes export writes: every one the runtime knows
 # What the old single module exported, for its callers (tests, the speech tokenizer, the TensorRT tests).
 _io_spec = io_spec
 MAX_FLOW_STEPS = 50

@@ -114,3 +114,15 @@ def test_export_materializes_one_component_at_a_time(tiny_default: Path, tmp_pat
     export_bundle(tiny_default / "checkpoint", tiny_default / "decoder", tmp_path / "b", max_context=MAX_CONTEXT,
                   progress=lambda _: None, before_export=check)
     assert seen == list(components)
+
+
+def test_export_and_the_runtime_know_the_same_dtypes() -> None:
+    """One table each side of the torch boundary, same names: what export writes, the runtime can load, and the
+    host layout of each (bf16 as its uint16 bits) is torch's element size."""
+    from opens2s_edge.export.pipeline import DTYPES
+    from opens2s_edge.runtime.dtypes import BUNDLE_DTYPES
+    from opens2s_edge.training.cuda_backend import DTYPES as CUDA_DTYPES
+
+    assert DTYPES is CUDA_DTYPES and set(DTYPES) == set(BUNDLE_DTYPES)
+    for name, dtype in DTYPES.items():
+        assert np.dtype(BUNDLE_DTYPES[name][0]).itemsize == torch.empty(0, dtype=dtype).element_size(), name

@@ -259,11 +259,12 @@ def test_openai_sdk_realtime_client_turns_cancel_and_barge_in(main_server: Serve
                         json.dumps({"type": "input_audio_buffer.append", "audio": "%%%"}),
                         json.dumps({"type": "conversation.item.truncate", "item_id": "x", "content_index": 0,
                                     "audio_end_ms": 10}),
-                        json.dumps([1, 2]), json.dumps({"type": "response.cancel"})):
+                        json.dumps([1, 2]), json.dumps({"type": "response.cancel"}),
+                        '{"type": "session.update", "n": ' + "9" * 5000 + "}"):
                 await conn.send_raw(raw)
                 errors.append((await _until(conn, "error"))[-1].error)
             assert [e.code for e in errors] == ["invalid_json", "unknown_event", "invalid_value", "unsupported_event",
-                                                "invalid_event", "response_cancel_not_active"]
+                                                "invalid_event", "response_cancel_not_active", "invalid_json"]
             assert "no.such.event" in errors[1].message and errors[1].event_id == "evt_42"
             assert not any("Traceback" in e.message for e in errors)
             await conn.session.update(session={"type": "realtime", "instructions": "Be brief."})

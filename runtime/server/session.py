@@ -165,7 +165,7 @@ class RealtimeSession:
             return
         try:
             event = json.loads(message)
-        except (json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # ValueError: also an integer past Python's 4300-digit limit
             await self.error("invalid_json", f"the message is not JSON ({exc.__class__.__name__}: "
                              f"{str(exc)[:120]})")
             return
