@@ -32,21 +32,15 @@ import asyncio
 import base64
 import contextlib
 import json
-import re
-import signal
-import subprocess
 import sys
-import threading
 import time
-import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .harness import machine_description, summarize
+from .serve_process import serve_process
 
 HELLO = Path(__file__).resolve().parents[1] / "opens2s_edge" / "assets" / "hello.wav"
 WIRE_RATE = 24000
@@ -74,60 +68,6 @@ METRICS = ("opens2s_step_wait_seconds_total", "opens2s_engine_busy_seconds_total
 FIGURES = ("client_first_audio_ms", "client_first_audio_from_commit_ms", "engine_first_audio_ms", "overhead_ms",
            "queue_ms", "beyond_queue_ms", "server_first_audio_ms", "server_side_ms", "wire_client_ms", "wait_ms",
            "client_total_ms", "ratio")
-
-
-# -- the server in a subprocess --------------------------------------------------------------------------------------
-@dataclass
-class ServerProcess:
-    proc: subprocess.Popen
-    port: int
-    log: list[str] = field(default_factory=list)
-
-    def metrics(self) -> dict[str, float]:
-        """Every sample of GET /metrics, by name with its labels."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=30) as r:
-            text = r.read().decode()
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        return samples
-
-
-@contextlib.contextmanager
-def serve(bundle: Path, args: list[str]) -> Iterator[ServerProcess]:
-    """`opens2s-edge serve BUNDLE --port 0 ARGS` until the block ends, then SIGINT; it must exit with status 0."""
-    cmd = [sys.executable, "-m", "opens2s_edge", "serve", str(bundle), "--port", "0", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    log: list[str] = []
-    port: list[int] = []
-    ready = threading.Event()
-
-    def drain() -> None:  # keeps the pipe empty for the server's whole life
-        for line in proc.stderr:
-            log.append(line)
-            found = re.search(r"listening on http://127\.0\.0\.1:(\d+)/", line)
-            if found and not port:
-                port.append(int(found.group(1)))
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    try:
-        if not ready.wait(START_TIMEOUT_S) or not port:
-            raise RuntimeError("the server did not start:\n" + "".join(log[-30:]))
-        yield ServerProcess(proc, port[0], log)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    if proc.returncode != 0:
-        raise RuntimeError(f"the server exited with status {proc.returncode}:\n" + "".join(log[-30:]))
 
 
 # -- the clients -----------------------------------------------------------------------------------------------------
@@ -233,7 +173,7 @@ def run_level(args: argparse.Namespace, sessions: int, pcm: bytes, progress: Any
     progress(f"[serve-latency] {sessions} session(s): starting the server")
     started = time.perf_counter()
     extra = server_args(args, sessions)
-    with serve(args.bundle, extra) as server:
+    with serve_process(args.bundle, extra, start_timeout_s=START_TIMEOUT_S) as server:
         progress(f"[serve-latency] {sessions} session(s): listening on port {server.port} "
                  f"({time.perf_counter() - started:.1f} s to start, warm-up turn included)")
         before = server.metrics()

@@ -24,18 +24,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import hashlib
 import json
 import os
 import platform
 import re
-import signal
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -44,6 +38,8 @@ import numpy as np
 from opens2s_edge.runtime.audio import load_wav
 from opens2s_edge.runtime.bundle import load_bundle
 from opens2s_edge.runtime.engine import Engine, TurnDone, TurnOptions
+
+from .serve_process import serve_process
 
 HELLO = Path(str(resources.files("opens2s_edge") / "assets" / "hello.wav"))  # the package's, installed or not
 MAX_TEXT_TOKENS, MAX_SPEECH_TOKENS = 12, 48
@@ -131,42 +127,6 @@ def soak(bundle: Path, turns: int, warmup: int, threads: int = 1) -> dict:
 
 
 # -- through the server --------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def running_server(bundle: Path, args: list[str], log: list[str],
-                   start_timeout_s: float = 300) -> Iterator[tuple[subprocess.Popen, int]]:
-    """`opens2s-edge serve BUNDLE --port 0 ARGS` in a subprocess, its stderr collected into `log`; (process, port)
-    once it listens. Stopped with SIGINT on the way out (killed only if it has not exited 60 s later)."""
-    cmd = [sys.executable, "-m", "opens2s_edge", "serve", str(bundle), "--port", "0", *args]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    ready = threading.Event()
-    port: list[int] = []
-
-    def drain() -> None:  # keeps the pipe empty for the server's whole life
-        for line in proc.stderr:
-            log.append(line)
-            found = re.search(r"listening on http://127\.0\.0\.1:(\d+)/", line)
-            if found and not port:
-                port.append(int(found.group(1)))
-                ready.set()
-        ready.set()
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    try:
-        if not ready.wait(start_timeout_s) or not port:
-            raise RuntimeError("the server did not start:\n" + "".join(log))
-        yield proc, port[0]
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        reader.join(10)
-
-
 def _plan(turns: int, per_connection: int) -> list[tuple[int, int, str]]:
     """(connection, place in it, action) per turn: every connection's last turn is completed, cancelled or cut by
     closing the connection, in turn; all other turns are completed."""
@@ -253,9 +213,9 @@ def _health(port: int) -> dict:
 def soak_server(bundle: Path, turns: int, warmup: int, per_connection: int, threads: int = 1) -> dict:
     args = ["--threads", str(threads), "--greedy", "--max-text-tokens", str(MAX_TEXT_TOKENS), "--max-speech-tokens",
             str(MAX_SPEECH_TOKENS), "--log-level", "warning"]
-    log: list[str] = []
     t0 = time.perf_counter()
-    with running_server(bundle, args, log) as (proc, port):
+    with serve_process(bundle, args, require_clean_exit=False) as server:
+        proc, port, log = server.proc, server.port, server.log
         start = {"rss": rss_bytes(proc.pid), "fds": open_fds(proc.pid)}
         rows, places = asyncio.run(_drive(port, proc.pid, turns, per_connection))
         deadline = time.monotonic() + 10

@@ -14,17 +14,11 @@ import base64
 import contextlib
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +30,8 @@ websockets = pytest.importorskip("websockets")
 
 from websockets.exceptions import ConnectionClosed, InvalidStatus  # noqa: E402
 
+from opens2s_edge.benchmarks.serve_process import ServerProcess as Server  # noqa: E402
+from opens2s_edge.benchmarks.serve_process import serve_process  # noqa: E402
 from opens2s_edge.runtime.audio import load_wav  # noqa: E402
 from opens2s_edge.runtime.server.audio import ReplyEncoder, decode_pcm16, resample  # noqa: E402
 
@@ -46,70 +42,11 @@ TIMEOUT = 120
 
 
 # -- a server in a subprocess ------------------------------------------------------------------------------------
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    port: int
-    log: list[str] = field(default_factory=list)
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_base(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1"
-
-    def get(self, path: str, headers: dict | None = None) -> tuple[int, str, str]:
-        request = urllib.request.Request(self.http + path, headers=headers or {})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as r:
-                return r.status, r.headers.get("Content-Type", ""), r.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.headers.get("Content-Type", ""), exc.read().decode()
-
-    def rss_bytes(self) -> int:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
-
-    def metric(self, name: str, headers: dict | None = None) -> float:
-        status, _, text = self.get("/metrics", headers)
-        assert status == 200, text
-        found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-        return float(found.group(1)) if found else 0.0
-
-
 @contextlib.contextmanager
 def serve(bundle: Path, *args: str, env: dict | None = None) -> Iterator[Server]:
-    cmd = [sys.executable, "-m", "opens2s_edge", "serve", str(bundle), "--port", "0", "--threads", "1", *args]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env={**os.environ, **(env or {})})
-    log: list[str] = []
-    ready = threading.Event()
-    port: list[int] = []
-
-    def drain() -> None:  # keeps the pipe empty for the server's whole life
-        for line in proc.stderr:
-            log.append(line)
-            found = re.search(r"listening on http://127\.0\.0\.1:(\d+)/", line)
-            if found and not port:
-                port.append(int(found.group(1)))
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    try:
-        assert ready.wait(TIMEOUT) and port, "server did not start:\n" + "".join(log)
-        yield Server(proc, port[0], log)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    assert proc.returncode == 0, "server did not stop cleanly:\n" + "".join(log)
+    """The real command on one thread; it must stop cleanly on SIGINT (the helper raises otherwise)."""
+    with serve_process(bundle, ["--threads", "1", *args], env=env, start_timeout_s=TIMEOUT) as server:
+        yield server
 
 
 def _client(server: Server, key: str = "sk-dummy-local"):  # noqa: ANN202 - the SDK's own client type
