@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import re
 from pathlib import Path
 
@@ -94,6 +95,11 @@ def main(args: argparse.Namespace) -> int:
     except (ExportError, CheckpointError, TokenizerError, DecoderFilesError, DecoderConfigError,
             GraphCheckError) as exc:
         raise UserError(str(exc)) from exc
+    except OSError as exc:  # the disk filled up, a file-size limit, a folder that became unwritable
+        full = exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+        raise UserError(f"--out {args.out}: the export stopped: {exc.strerror or exc}"
+                        f"{' (the disk is full or a file-size limit was reached)' if full else ''}"
+                        f"{f' at {exc.filename}' if exc.filename else ''}; no partial bundle was left") from exc
     if release is not None:
         # The export itself checks against the 10.15 list; a bundle for another release is checked against its own.
         from opens2s_edge.runtime.bundle import load_bundle

@@ -163,6 +163,22 @@ def test_disk_full_while_writing_the_reply(tiny_bundle: Path, tmp_path: Path) ->
     assert not out.exists() and not list(tmp_path.glob(".reply*"))
 
 
+def test_disk_full_while_writing_a_bundle(tiny_default: Path, tmp_path: Path) -> None:
+    import resource
+    import signal
+
+    def small_disk() -> None:  # 2 MB per file: the first graphs fit, a later graph's weights do not
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
+
+    out = tmp_path / "bundle"
+    run = _cli("export", "--checkpoint", str(tiny_default / "checkpoint"), "--decoder", str(tiny_default / "decoder"),
+               "--out", str(out), preexec=small_disk)
+    _refused(run, "--out", "the export stopped", "file-size limit", "no partial bundle")
+    assert "1/8 audio_encoder: checked" in run.stdout  # it failed part-way, not before it began
+    assert list(tmp_path.iterdir()) == []  # nothing half-written, no hidden partial folder
+
+
 def _snapshot(path: Path) -> dict[str, bytes]:
     if path.is_file():
         return {"": path.read_bytes()}
