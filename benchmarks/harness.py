@@ -127,7 +127,21 @@ def _nvidia_smi(field: str) -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
-def _cpu_model() -> str:
+def process_rss_bytes(pid: int | str = "self") -> int:
+    """Resident memory of any process by pid (Linux VmRSS), for watching another process (a server) over time."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/{pid}/status has no VmRSS")
+
+
+def open_fds(pid: int | str = "self") -> int:
+    """Open file descriptors of a process by pid (Linux)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -174,7 +188,7 @@ def machine_description() -> dict[str, Any]:
     except ImportError:
         providers = []
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "logical_cores": os.cpu_count(),
         "physical_cores": _physical_cores(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .harness import process_rss_bytes
+
 LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)/")
 
 
@@ -59,8 +61,7 @@ class ServerProcess:
         return self.metrics(headers).get(name, 0.0)
 
     def rss_bytes(self) -> int:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
+        return process_rss_bytes(self.proc.pid)
 
 
 @contextlib.contextmanager

@@ -27,8 +27,6 @@ import base64
 import hashlib
 import json
 import os
-import platform
-import re
 import time
 from importlib import resources
 from pathlib import Path
@@ -39,6 +37,7 @@ from opens2s_edge.runtime.audio import load_wav
 from opens2s_edge.runtime.bundle import load_bundle
 from opens2s_edge.runtime.engine import Engine, TurnDone, TurnOptions
 
+from .harness import cpu_model, open_fds, process_rss_bytes
 from .serve_process import serve_process
 
 HELLO = Path(str(resources.files("opens2s_edge") / "assets" / "hello.wav"))  # the package's, installed or not
@@ -46,19 +45,6 @@ MAX_TEXT_TOKENS, MAX_SPEECH_TOKENS = 12, 48
 PROMPTS = ("Hello! How are you today?", "Tell me about the weather.", "That sounds lovely, thank you.",
            "What should I do this weekend?")
 TURN_TIMEOUT_S = 300
-
-
-def rss_bytes(pid: int | str = "self") -> int:
-    """Resident memory of a process (VmRSS)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/{pid}/status has no VmRSS")
-
-
-def open_fds(pid: int | str = "self") -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def slope(values: list[float]) -> float:
@@ -69,14 +55,7 @@ def slope(values: list[float]) -> float:
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            found = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-        model = found.group(1).strip() if found else model
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} logical CPUs"
+    return f"{cpu_model()}, {os.cpu_count()} logical CPUs"
 
 
 def summary(rows: list[dict], warmup: int) -> dict:
@@ -116,7 +95,7 @@ def soak(bundle: Path, turns: int, warmup: int, threads: int = 1) -> dict:
         assert done is not None
         ids = (tuple(done.text_ids), tuple(done.speech_ids))
         same = first.setdefault(kind, ids) == ids
-        rows.append({"turn": k, "kind": kind, "rss": rss_bytes(), "fds": open_fds(), "same_ids": same,
+        rows.append({"turn": k, "kind": kind, "rss": process_rss_bytes(), "fds": open_fds(), "same_ids": same,
                      "seconds": done.latency.total_s})
         if (k + 1) % 20 == 0:
             print(f"[soak] {k + 1}/{turns} turns, rss {rows[-1]['rss'] / 2**20:.1f} MiB, {rows[-1]['fds']} fds",
@@ -193,7 +172,7 @@ async def _drive(port: int, pid: int, turns: int, per_connection: int) -> tuple[
                     signature = (reply["text"], reply["audio_sha256"])
                     same = first.setdefault(j, signature) == signature
                 rows.append({"turn": k, "connection": c, "place": j, "action": action, **reply, "same_reply": same,
-                             "seconds": seconds, "rss": rss_bytes(pid), "fds": open_fds(pid)})
+                             "seconds": seconds, "rss": process_rss_bytes(pid), "fds": open_fds(pid)})
                 k += 1
                 if (k % 20) == 0:
                     print(f"[soak --server] {k}/{turns} turns ({c + 1} connections), server rss "
@@ -203,25 +182,18 @@ async def _drive(port: int, pid: int, turns: int, per_connection: int) -> tuple[
     return rows, len(first)
 
 
-def _health(port: int) -> dict:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as r:
-        return json.loads(r.read().decode())
-
-
 def soak_server(bundle: Path, turns: int, warmup: int, per_connection: int, threads: int = 1) -> dict:
     args = ["--threads", str(threads), "--greedy", "--max-text-tokens", str(MAX_TEXT_TOKENS), "--max-speech-tokens",
             str(MAX_SPEECH_TOKENS), "--log-level", "warning"]
     t0 = time.perf_counter()
     with serve_process(bundle, args, require_clean_exit=False) as server:
         proc, port, log = server.proc, server.port, server.log
-        start = {"rss": rss_bytes(proc.pid), "fds": open_fds(proc.pid)}
+        start = {"rss": process_rss_bytes(proc.pid), "fds": open_fds(proc.pid)}
         rows, places = asyncio.run(_drive(port, proc.pid, turns, per_connection))
         deadline = time.monotonic() + 10
-        while (health := _health(port))["sessions"] and time.monotonic() < deadline:
+        while (health := json.loads(server.get("/health")[2]))["sessions"] and time.monotonic() < deadline:
             time.sleep(0.1)
-        end = {"rss": rss_bytes(proc.pid), "fds": open_fds(proc.pid), "health": health}
+        end = {"rss": process_rss_bytes(proc.pid), "fds": open_fds(proc.pid), "health": health}
     compared = [r for r in rows if r["same_reply"] is not None]
     clean = proc.returncode == 0 and not any("Traceback" in line for line in log)
     return {"mode": "server", "date": time.strftime("%Y-%m-%d"), "machine": machine(), "bundle": str(bundle),

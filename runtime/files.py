@@ -30,7 +30,7 @@ PARTIAL = ".partial"
 
 def _remove_stale_partials(path: Path) -> None:
     """Partial folders of an earlier run for `path` whose writer is gone (killed, power lost) are removed; the
-    writer's pid is in the folder's name (`.NAME.partial.PID.XXXX`)."""
+    writer's pid is in the folder's name (`.NAME.partial.PID.<random suffix>`)."""
     for stale in path.parent.glob(f".{path.name}{PARTIAL}.*"):
         try:
             pid = int(stale.name[len(f".{path.name}{PARTIAL}."):].split(".")[0])

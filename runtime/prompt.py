@@ -115,8 +115,7 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
                          **kwargs: object) -> str:
     """Render a Hugging Face chat template the way transformers' `apply_chat_template` does."""
     try:
-        return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                 **kwargs)
+        return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **kwargs)
     except jinja2.exceptions.TemplateError as exc:
         raise TokenizerError(f"the chat template failed to render: {exc}") from exc
 
